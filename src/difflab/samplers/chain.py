@@ -22,8 +22,13 @@ class Samples(NamedTuple):
 
 
 def denoiser_cost(denoiser) -> int:
-    """Network evaluations per denoiser call (2 for an unbatched guidance wrapper, else 1)."""
-    return int(getattr(denoiser, "nfe_per_call", 1))
+    """Network evaluations made by the denoiser's last call.
+
+    A plain network or test bed costs 1; a wrapper that evaluates the network more than once per call
+    (classifier-free guidance: conditional + unconditional, even when batched into one pass) sets
+    ``last_nfe`` after each call so that samplers count honestly.
+    """
+    return int(getattr(denoiser, "last_nfe", 1))
 
 
 def time_tensor(t, batch: int, device) -> torch.Tensor:
@@ -50,12 +55,12 @@ def sample_chain(denoiser, x: torch.Tensor, timesteps: torch.Tensor, step: Calla
     Returns: :class:`Samples` ``(x, nfe)``.
     """
     path, batch = denoiser.path, x.shape[0]
-    cost, nfe = denoiser_cost(denoiser), 0
+    nfe = 0
     pairs = list(zip(timesteps[:-1].tolist(), timesteps[1:].tolist()))
     for i, (t, t_next) in enumerate(tqdm(pairs, disable=not progress, desc="sampling", leave=False)):
         t_b, t_next_b = time_tensor(t, batch, x.device), time_tensor(t_next, batch, x.device)
         pred = denoiser(x, t_b, **cond)
-        nfe += cost
+        nfe += denoiser_cost(denoiser)
         x = step(path, x, pred, t_b, t_next_b, generator)
         if callback is not None:
             callback({"i": i, "t": t, "t_next": t_next, "x": x, "x0_hat": pred.x0})
