@@ -224,3 +224,19 @@ def fit_gaussian(x: torch.Tensor):
     mean = xf.mean(0)
     dev = xf - mean
     return mean, dev.T @ dev / (xf.shape[0] - 1)
+
+
+def affine_pushforward(sample_fn, dim: int, prior_std: float = 1.0, dtype=torch.float64):
+    """Exact output Gaussian of a deterministic sampler that is affine in its starting point.
+
+    On a single-Gaussian bed the exact denoiser is affine in ``x_t``, so every deterministic sampler
+    (DDIM η=0, any ODE solver) maps ``x_T`` affinely: ``x_out = M x_T + c``. Running ``sample_fn`` on the
+    ``D + 1`` probe points ``0, e_1, …, e_D`` recovers ``M`` and ``c`` exactly, and the output of a prior
+    ``N(0, prior_std² I)`` is ``N(c, prior_std² M Mᵀ)`` — the sampler's exact output distribution with
+    no sampling noise. ``sample_fn(x: (D+1, dim)) -> (D+1, dim)``. Returns ``(mean, cov)`` in float64.
+    """
+    probes = torch.cat([torch.zeros(1, dim, dtype=dtype), torch.eye(dim, dtype=dtype)])
+    out = sample_fn(probes).reshape(dim + 1, dim).double()
+    c = out[0]
+    M = (out[1:] - c).T  # column j is the image of e_j
+    return c, prior_std**2 * M @ M.T
