@@ -10,7 +10,7 @@ is weight ``1 + 1/SNR``. :func:`eps_space_weight` states each weighting in ε-sp
 computed in the network's own target space (no division by ``a`` or ``s`` at the ends of the path).
 Weightings: ``none`` (plain MSE in the target space), ``snr`` (ε-space weight ``SNR``),
 ``min_snr`` (ε-space weight ``min(SNR, γ)/SNR``, Hang et al. 2023) and ``truncated_snr``
-(ε-space weight ``max(SNR, 1)/SNR``... i.e. x0-MSE floored at ε-MSE, Salimans & Ho 2022).
+(ε-space weight ``max(SNR, 1)/SNR``: the x0-MSE ``1/SNR`` floored at 1, Salimans & Ho 2022).
 """
 
 from __future__ import annotations

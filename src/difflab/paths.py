@@ -237,3 +237,4 @@ class TrigPath(ContinuousPath):
 
     def s_dot(self, t):
         return 0.5 * math.pi * self.a(t)
+
