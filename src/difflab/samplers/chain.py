@@ -33,7 +33,7 @@ def denoiser_cost(denoiser) -> int:
 
 def time_tensor(t, batch: int, device) -> torch.Tensor:
     """A grid value as a ``[B]`` tensor keeping its dtype (``long`` discrete, ``float64`` continuous)."""
-    t = torch.as_tensor(t, device=device)
+    t = torch.as_tensor(t, device=device, dtype=torch.float64 if isinstance(t, float) else None)
     return t.expand(batch)
 
 
