@@ -1,0 +1,192 @@
+"""The ``difflab`` command line: ``difflab train CONFIG``, ``difflab sample RUN_DIR``, ...
+
+Each subcommand is one :class:`Command` — a name, a help line, examples, a function that adds its
+arguments and a function that runs it — listed in :data:`COMMANDS`; adding a subcommand is appending
+one entry. Errors a user can cause (bad config, missing data or run, a run directory in the way, a
+non-finite loss, bad arguments) print one line ``difflab: error: ...`` to stderr and exit with
+status 2, without a traceback (set ``DIFFLAB_DEBUG=1`` to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (``difflab: error: ... (see --help)``)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"difflab: error: {message} (see '{self.prog} --help')\n")
+
+
+@dataclass
+class Command:
+    """One subcommand: ``add_arguments(parser)`` declares its arguments, ``run(args) -> exit code`` runs it."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    examples: str = ""
+
+
+# --- train -------------------------------------------------------------------------------------------------
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG", help="YAML run config (see configs/)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in RUN_DIR")
+    p.add_argument("--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                   help="override config values with dotted keys, e.g. train.lr=1e-3 model.hidden=128")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from difflab.config import load_config
+    from difflab.training import train
+
+    cfg = load_config(args.config, args.set)
+    run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
+TRAIN_EXAMPLES = """
+examples:
+  difflab train configs/moons.yaml --out runs/moons
+  difflab train configs/digits8.yaml --set train.steps=2000 train.lr=1e-3
+  difflab train configs/digits8.yaml --out runs/digits8 --resume --set train.steps=8000
+  torchrun --nproc_per_node 2 $(which difflab) train configs/moons.yaml --out runs/moons-ddp
+"""
+
+
+# --- sample ------------------------------------------------------------------------------------------------
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    from difflab.pipeline import SAMPLERS
+
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'difflab train'")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampler (default: ddim)")
+    p.add_argument("--steps", type=int, default=50, help="network evaluations per sample (default: 50)")
+    p.add_argument("--num", type=int, default=64, help="number of samples (default: 64)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity, 0 = deterministic (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--class", dest="label", type=int, default=None,
+                   help="class label for a class-conditional model (-1: unconditional; default: every class in turn)")
+    p.add_argument("--out", required=True, metavar="FILE", help="FILE.png (grid or scatter plot) or FILE.npz (arrays)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per network batch (default: 256)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from difflab.pipeline import load_run
+    from difflab.plotting import save_image_grid, save_scatter
+
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npz"):
+        raise ValueError(f"--out must end in .png or .npz, got {str(out)!r}")
+    if args.num < 1 or args.steps < 1:
+        raise ValueError("--num and --steps must be >= 1")
+    pipe = load_run(args.run_dir, ema=not args.no_ema, device=args.device)
+    image = len(pipe.data_shape) == 3
+    if out.suffix == ".png" and not image and pipe.data_shape != (2,):
+        raise ValueError(f"a .png needs images or 2-D points; this run's data has shape {pipe.data_shape}: use .npz")
+    y = pipe.labels(args.num, args.label)
+    samples = pipe.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, y=y,
+                          batch_size=args.batch_size, progress=not args.quiet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npz":
+        arrays = {"x": samples.x.numpy(), "nfe": np.array(samples.nfe)}
+        if y is not None:
+            arrays["y"] = y.numpy()
+        np.savez(out, **arrays)
+    elif image:
+        nrow = pipe.num_classes if (pipe.num_classes and args.label is None) else None
+        save_image_grid(samples.x, out, nrow=nrow)
+    else:
+        save_scatter(samples.x, out, title=f"{args.sampler}, {samples.nfe} NFE", labels=y)
+    print(f"difflab: wrote {args.num} samples ({args.sampler}, {samples.nfe} network evaluations each) to {out}")
+    return 0
+
+
+SAMPLE_EXAMPLES = """
+examples:
+  difflab sample runs/digits8 --sampler ddim --steps 50 --num 100 --out digits.png
+  difflab sample runs/digits8 --sampler ddpm --steps 1000 --num 64 --class 3 --out threes.png
+  difflab sample runs/moons --sampler ddim --steps 20 --eta 1 --num 5000 --out moons.npz
+"""
+
+
+COMMANDS: list[Command] = [
+    Command("train", "train a model from a YAML config", add_train_arguments, run_train, TRAIN_EXAMPLES),
+    Command("sample", "draw samples from a trained run", add_sample_arguments, run_sample, SAMPLE_EXAMPLES),
+]
+"""The subcommands, in the order ``difflab --help`` lists them."""
+
+
+# --- the program -------------------------------------------------------------------------------------------
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="difflab", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="difflab: diffusion and flow generative models, exactly as the math derives them.",
+        epilog=textwrap.dedent("""
+            examples:
+              difflab train configs/moons.yaml --out runs/moons
+              difflab sample runs/moons --sampler ddim --steps 50 --num 2000 --out moons.png
+              difflab COMMAND --help
+        """))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in commands:
+        p = sub.add_parser(command.name, help=command.help, description=command.help, epilog=command.examples,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def _user_errors() -> tuple:
+    """The exception types that are the user's to fix: reported in one line, no traceback."""
+    from difflab.checkpoint import CheckpointError
+    from difflab.training import TrainingError
+
+    return (ValueError, OSError, TrainingError, CheckpointError)  # ConfigError and DataError are ValueErrors
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``difflab`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
+        return int(exit_.code or 0)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("difflab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _user_errors() as err:
+        if os.environ.get("DIFFLAB_DEBUG"):
+            raise
+        print(f"difflab: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""Typed run configuration: one dataclass per component, loaded from YAML, overridable with ``--set``.
+
+A run is described by :class:`RunConfig` with four sections::
+
+    data:      {name, path, n, options}                      -> difflab.data.load_dataset
+    model:     {kind, conditional, learned_variance, ...}    -> difflab.networks.build_network
+    diffusion: {path, schedule, T, zero_terminal_snr,        -> difflab.paths (SPEC §2, §6),
+                target, weighting, min_snr_gamma}               parameterisation (§4), loss (§3)
+    train:     {steps, batch_size, lr, ...}                  -> difflab.training.train
+
+Every value is checked at the edge — unknown keys (with the nearest valid key suggested), wrong
+types, out-of-range numbers, bad enum values, combinations the math does not allow — and any
+problem raises :class:`ConfigError` with a one-line message naming the dotted key.
+
+Overrides use dotted keys and YAML values: ``train.lr=1e-3``, ``model.channel_mults=[1,2,2]``,
+``data.options.noise=0.05``. (Plain YAML 1.1 reads ``1e-3`` as a string; this module's loader
+reads it as the float it obviously is.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from difflab.losses import WEIGHTINGS
+from difflab.schedules import SCHEDULES
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a one-line message that names the offending key."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+# --- the sections ------------------------------------------------------------------------------------
+PATH_DATASETS = ("folder", "npz", "npy", "cifar10")
+"""Data sets read from the user's files: they need ``data.path``."""
+
+
+@dataclass
+class DataConfig:
+    """What to train on: ``difflab.data.load_dataset(name, path, n, seed=train.seed, **options)``.
+
+    ``n`` keeps the first ``n`` examples (or draws ``n`` points for generated 2-D sets); ``options``
+    are passed to the loader unchanged (e.g. ``noise`` for two moons, ``size`` for an image folder).
+    """
+
+    name: str = "two_moons"
+    path: Optional[str] = None
+    n: Optional[int] = None
+    options: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from difflab.data import LOADERS
+
+        if self.name not in LOADERS:
+            raise ConfigError(f"data.name must be one of {', '.join(LOADERS)}; got {self.name!r}"
+                              f"{_suggest(self.name, LOADERS)}")
+        if self.n is not None and self.n < 1:
+            raise ConfigError(f"data.n must be >= 1, got {self.n}")
+        if self.name in PATH_DATASETS and not self.path:
+            raise ConfigError(f"data set {self.name!r} reads your files: set data.path")
+
+
+NETWORK_FIELDS = {
+    "mlp": ("hidden", "depth", "time_dim"),
+    "unet": ("base_channels", "channel_mults", "num_res_blocks", "attn_resolutions", "num_heads", "dropout",
+             "context_dim"),
+}
+"""Which :class:`ModelConfig` fields each network kind takes (the others are ignored for that kind);
+they are the keyword arguments of :class:`~difflab.networks.MLPDenoiser` and :class:`~difflab.networks.UNet`."""
+
+
+@dataclass
+class ModelConfig:
+    """The denoiser network: ``difflab.networks.build_network(kind, data_shape, num_classes, ...)``.
+
+    ``conditional: true`` trains on the data set's class labels (the network gets a class embedding
+    with a learned null label, SPEC §7). ``learned_variance`` doubles the output channels for the
+    improved-DDPM variance interpolation (SPEC §3). The remaining fields are the network's sizes with
+    the networks' own defaults; :data:`NETWORK_FIELDS` says which apply to which ``kind``.
+    ``attn_resolutions: null`` puts self-attention at the lowest resolution only, ``[]`` nowhere.
+    """
+
+    kind: str = field(default="mlp", metadata=_choices("mlp", "unet"))
+    conditional: bool = False
+    learned_variance: bool = False
+    # mlp
+    hidden: int = 256
+    depth: int = 4
+    time_dim: int = 128
+    # unet
+    base_channels: int = 32
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 2
+    attn_resolutions: Optional[list[int]] = None
+    num_heads: int = 4
+    dropout: float = 0.0
+    context_dim: Optional[int] = None
+
+    def validate(self) -> None:
+        for name in ("hidden", "time_dim", "base_channels", "num_heads", "num_res_blocks"):
+            _at_least(f"model.{name}", getattr(self, name), 1)
+        _at_least("model.depth", self.depth, 0)
+        if not self.channel_mults or any(m < 1 for m in self.channel_mults):
+            raise ConfigError(f"model.channel_mults must be a non-empty list of positive integers, got {self.channel_mults}")
+        if self.attn_resolutions is not None and any(r < 1 for r in self.attn_resolutions):
+            raise ConfigError(f"model.attn_resolutions must hold positive side lengths, got {self.attn_resolutions}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
+        if self.time_dim % 2:
+            raise ConfigError(f"model.time_dim must be even (sin/cos pairs), got {self.time_dim}")
+        if self.context_dim is not None:
+            _at_least("model.context_dim", self.context_dim, 1)
+
+    def network_kwargs(self) -> dict:
+        """The keyword arguments of ``build_network`` for this ``kind``."""
+        return {name: getattr(self, name) for name in NETWORK_FIELDS[self.kind]}
+
+
+CONTINUOUS_PATHS = ("linear", "vp", "trig")
+"""Continuous-time paths by name (SPEC §6); see :func:`build_path`."""
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and the training target (SPEC §2–§4, §6).
+
+    ``path: discrete`` is DDPM time ``t ∈ {0..T}`` on the named β ``schedule`` (optionally rescaled to
+    zero terminal SNR); ``linear`` (rectified flow), ``vp`` and ``trig`` are continuous paths on
+    ``[0, 1]``. ``target`` is what the network regresses (SPEC §4); ``weighting`` the loss weight
+    ``w(t)`` (SPEC §3, :mod:`difflab.losses`).
+    """
+
+    path: str = field(default="discrete", metadata=_choices("discrete", *CONTINUOUS_PATHS))
+    schedule: str = field(default="linear", metadata=_choices(*SCHEDULES))
+    T: int = 1000
+    zero_terminal_snr: bool = False
+    target: str = field(default="eps", metadata=_choices("eps", "x0", "v", "velocity"))
+    weighting: str = field(default="none", metadata=_choices(*WEIGHTINGS))
+    min_snr_gamma: float = 5.0
+
+    def validate(self) -> None:
+        _at_least("diffusion.T", self.T, 1)
+        if not self.min_snr_gamma > 0:
+            raise ConfigError(f"diffusion.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+        discrete = self.path == "discrete"
+        if self.target == "velocity" and discrete:
+            raise ConfigError("diffusion.target 'velocity' needs a continuous path (linear, vp or trig): "
+                              "a discrete path has no time derivative")
+        if self.zero_terminal_snr and not discrete:
+            raise ConfigError("diffusion.zero_terminal_snr applies to the discrete path only")
+        # Where a(t_max) = 0 (zero terminal SNR, the linear path, trig up to rounding) ε-prediction
+        # cannot give x̂0 = (x − s ε̂)/a at the first sampling step (Lin et al. 2024, §3.2).
+        signal_vanishes = self.zero_terminal_snr or self.path in ("linear", "trig")
+        if signal_vanishes and self.target == "eps":
+            where = "zero terminal SNR" if discrete else f"the {self.path} path"
+            raise ConfigError(f"diffusion.target 'eps' is singular at t_max on {where} (a = 0): "
+                              f"use target v, x0{'' if discrete else ' or velocity'}")
+        if self.zero_terminal_snr and self.weighting in ("min_snr", "truncated_snr"):
+            raise ConfigError(f"diffusion.weighting {self.weighting!r} divides by SNR, which is 0 at t = T "
+                              "with zero terminal SNR: use weighting none or snr")
+        if discrete:
+            try:
+                build_path(self)
+            except ValueError as err:
+                raise ConfigError(f"diffusion: the {self.schedule} schedule with T={self.T}: {err}") from None
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation (:func:`difflab.training.train`).
+
+    ``batch_size`` is the *global* batch: under ``torchrun`` each of the N ranks takes
+    ``batch_size / N`` examples of it (it must divide). ``lr`` rises linearly over ``warmup_steps``
+    and is constant after. ``grad_clip = 0`` and ``sample_every = 0`` switch those off;
+    ``checkpoint_every = 0`` saves only at the end. ``p_uncond`` is the classifier-free-guidance
+    label dropout (SPEC §7). ``mixed_precision: auto`` is bf16 autocast on CUDA and fp32 elsewhere.
+    ``num_threads > 0`` sets torch's intra-op CPU threads (0 keeps torch's default).
+    """
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_start: int = 0
+    seed: int = 0
+    p_uncond: float = 0.0
+    log_every: int = 10
+    sample_every: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    num_sample_images: int = 64
+    sample_steps: int = 50
+    mixed_precision: str = field(default="auto", metadata=_choices("auto", "bf16", "no"))
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    num_threads: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "keep_checkpoints", "num_sample_images", "sample_steps"):
+            _at_least(f"train.{name}", getattr(self, name), 1)
+        for name in ("warmup_steps", "ema_start", "sample_every", "checkpoint_every", "num_threads", "seed"):
+            _at_least(f"train.{name}", getattr(self, name), 0)
+        for name in ("lr",):
+            if not (self.lr > 0 and math.isfinite(self.lr)):
+                raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"train.{name} must be a finite number >= 0, got {value}")
+        for name in ("p_uncond", "ema_decay"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"train.{name} must lie in [0, 1), got {value}")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; ``to_dict``/``from_dict`` round-trip exactly."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        if self.train.p_uncond > 0 and not self.model.conditional:
+            raise ConfigError("train.p_uncond > 0 (label dropout) needs model.conditional: true")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "RunConfig":
+        """Build and validate a config from nested dicts (missing keys take their defaults)."""
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a config must be a mapping of sections {list(SECTIONS)}, got {type(raw).__name__}")
+        sections = {}
+        for key, value in raw.items():
+            if key not in SECTIONS:
+                raise ConfigError(f"unknown config section {key!r}{_suggest(str(key), SECTIONS)}")
+            sections[key] = _build_section(key, SECTIONS[key], {} if value is None else value)
+        return cls(**sections).validate()
+
+
+# --- loading and overrides -------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (``1e-3``) as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_value(text: str) -> Any:
+    """A YAML scalar or flow value (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``{a: 1}``, ``null``)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse value {text!r}: {_first_line(err)}") from None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key=value`` strings with dotted keys (``train.lr=1e-3``) to a raw config dict (copied)."""
+    raw = _deep_copy(raw or {})
+    for item in overrides or ():
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value with a dotted key such as train.lr=1e-3, got {item!r}")
+        parts = key.split(".")
+        section = parts[0]
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config key {key!r}{_suggest(key, all_keys())}")
+        if len(parts) < 2:
+            raise ConfigError(f"--set needs a key inside a section, e.g. {section}.{_field_names(SECTIONS[section])[0]}")
+        name = parts[1]
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+        if name not in fields:
+            raise ConfigError(f"unknown config key {key!r}{_suggest(key, all_keys())}")
+        if len(parts) > 2 and _type_of(SECTIONS[section], name) is not dict:
+            raise ConfigError(f"config key {section}.{name} has no sub-keys (got {key!r})")
+        node = raw.setdefault(section, {})
+        if node is None:
+            node = raw[section] = {}
+        for part in parts[1:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = parse_value(text)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config file (or start from the defaults when ``path`` is None), apply overrides, validate."""
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            raw = yaml.load(path.read_text(), Loader=_Loader)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {_first_line(err)}") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of sections {list(SECTIONS)}")
+    try:
+        return RunConfig.from_dict(apply_overrides(raw or {}, overrides or []))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the config as YAML (block style, sections in order)."""
+    Path(path).write_text(dump_config(cfg))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. ``train.lr``."""
+    return [f"{section}.{name}" for section, cls in SECTIONS.items() for name in _field_names(cls)]
+
+
+def build_path(diffusion: DiffusionConfig):
+    """The :class:`~difflab.paths.GaussianPath` a :class:`DiffusionConfig` describes (SPEC §2, §6)."""
+    from difflab import paths
+
+    if diffusion.path == "discrete":
+        return paths.DiscretePath.from_schedule(diffusion.schedule, diffusion.T,
+                                                zero_terminal_snr=diffusion.zero_terminal_snr)
+    continuous = {"linear": paths.LinearPath, "vp": paths.VPPath, "trig": paths.TrigPath}
+    return continuous[diffusion.path]()
+
+
+# --- field checking -------------------------------------------------------------------------------------
+def _build_section(section: str, cls, raw: Any):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, got {_describe(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        dotted = f"{section}.{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {dotted!r}{_suggest(dotted, all_keys())}")
+        values[key] = _check_value(dotted, value, _type_of(cls, key), fields[key].metadata.get("choices"))
+    return cls(**values)
+
+
+def _check_value(dotted: str, value: Any, annotation, choices=None) -> Any:
+    """Check ``value`` against a field's type (and enum choices); returns it normalised."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _check_value(dotted, value, inner, choices)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{dotted} must be true or false, got {_describe(value)}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{dotted} must be an integer, got {_describe(value)}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{dotted} must be a number, got {_describe(value)}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{dotted} must be a string, got {_describe(value)}")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{dotted} must be one of {', '.join(choices)}; got {value!r}{_suggest(value, choices)}")
+        return value
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{dotted} must be a mapping, got {_describe(value)}")
+        return dict(value)
+    if origin is list:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{dotted} must be a list, got {_describe(value)}")
+        return [_check_value(f"{dotted}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    raise TypeError(f"unsupported config annotation {annotation!r} for {dotted}")  # a bug here, not user input
+
+
+def _type_of(cls, name: str):
+    hints = typing.get_type_hints(cls)
+    annotation = hints[name]
+    return dict if annotation is dict or typing.get_origin(annotation) is dict else annotation
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _at_least(dotted: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{dotted} must be >= {low}, got {value}")
+
+
+def _suggest(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _deep_copy(raw):
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw

@@ -1,0 +1,184 @@
+"""From a config or a trained run to samples: network + path + parameterisation -> denoiser -> sampler.
+
+- :func:`build_model` and :func:`build_denoiser` turn a :class:`~difflab.config.RunConfig` into the
+  network and the sampler-ready :class:`~difflab.parameterization.NetworkDenoiser` (SPEC §4).
+- :func:`load_run` restores a trained run (EMA weights by default) as a :class:`Pipeline`.
+- :data:`SAMPLERS` maps sampler names to functions ``fn(denoiser, x_T, steps, generator=, progress=,
+  **options, **cond) -> Samples``; adding a sampler is one entry.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from difflab.config import RunConfig, build_path
+from difflab.parameterization import NetworkDenoiser
+from difflab.paths import GaussianPath
+from difflab.samplers import Samples, ddpm_step, sample_chain, sample_ddim, sample_ddpm
+
+
+# --- building ---------------------------------------------------------------------------------------------
+def build_model(cfg: RunConfig, data_shape: Sequence[int], num_classes: int = 0) -> nn.Module:
+    """The network ``cfg.model`` describes for per-sample data of shape ``data_shape``.
+
+    ``num_classes`` is used only when ``cfg.model.conditional`` (otherwise the network is unconditional).
+    """
+    from difflab.networks import build_network
+
+    return build_network(cfg.model.kind, tuple(data_shape), num_classes if cfg.model.conditional else 0,
+                         learned_variance=cfg.model.learned_variance, **cfg.model.network_kwargs())
+
+
+def build_denoiser(cfg: RunConfig, net: Callable, path: Optional[GaussianPath] = None) -> NetworkDenoiser:
+    """Wrap ``net`` as a denoiser on the run's path with its target (SPEC §4) and the networks' time map."""
+    from difflab.networks import network_time_fn
+
+    path = path if path is not None else build_path(cfg.diffusion)
+    return NetworkDenoiser(net, path, cfg.diffusion.target, learned_variance=cfg.model.learned_variance,
+                           time_fn=network_time_fn(path))
+
+
+# --- samplers by name ---------------------------------------------------------------------------------------
+def continuous_grid(path: GaussianPath, steps: int) -> torch.Tensor:
+    """``steps + 1`` equally spaced times from ``t_max`` down to ``t_min`` in float64 (a continuous path)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return torch.linspace(float(path.t_max), float(path.t_min), steps + 1, dtype=torch.float64)
+
+
+def run_ddim(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, eta: float = 0.0,
+             **cond) -> Samples:
+    """DDIM (SPEC §5) with ``steps`` evaluations: trailing-spaced integer grid on a discrete path,
+    :func:`continuous_grid` on a continuous one."""
+    path = denoiser.path
+    grid = None if getattr(path, "discrete", False) else continuous_grid(path, steps)
+    return sample_ddim(denoiser, x, steps=steps, eta=eta, timesteps=grid, generator=generator,
+                       progress=progress, **cond)
+
+
+def run_ddpm(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False,
+             variance: Optional[str] = None, **cond) -> Samples:
+    """Ancestral sampling (SPEC §3): draws from ``q(x_{t'} | x_t, x̂0)`` with variance ``β̃`` (or the learned
+    interpolation when the network learned it). On a continuous path it runs on :func:`continuous_grid`."""
+    variance = variance or ("learned" if getattr(denoiser, "learned_variance", False) else "beta_tilde")
+    path = denoiser.path
+    if getattr(path, "discrete", False):
+        return sample_ddpm(denoiser, x, steps=steps, variance=variance, generator=generator, progress=progress, **cond)
+    step = partial(ddpm_step, variance=variance)
+    return sample_chain(denoiser, x, continuous_grid(path, steps), step, generator, None, progress, **cond)
+
+
+SAMPLERS: dict[str, Callable[..., Samples]] = {"ddpm": run_ddpm, "ddim": run_ddim}
+"""Sampler name -> ``fn(denoiser, x_T, steps, generator=, progress=, **options, **cond) -> Samples``."""
+
+
+@torch.no_grad()
+def generate(denoiser, data_shape: Sequence[int], num: int, sampler: str = "ddim", steps: int = 50,
+             generator: Optional[torch.Generator] = None, y: Optional[torch.Tensor] = None,
+             batch_size: int = 256, progress: bool = False, device=None, **options) -> Samples:
+    """Draw ``num`` samples of shape ``data_shape``: ``x_T`` from the path's prior, then ``sampler``.
+
+    All ``x_T`` are drawn first from ``generator`` (so deterministic samplers give the same samples for
+    any ``batch_size``); ``y`` (long ``[num]``) is split with them. Returns ``Samples(x (num, ...) on the
+    CPU, nfe per sample)``.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"num and batch_size must be >= 1, got num={num}, batch_size={batch_size}")
+    fn = SAMPLERS[sampler]
+    accepted = inspect.signature(fn).parameters
+    for name in options:
+        if name not in accepted:
+            raise ValueError(f"sampler {sampler!r} takes no option {name!r}")
+    x_T = denoiser.path.prior_sample((num, *data_shape), generator, device=device)
+    outputs, nfe = [], 0
+    for start in range(0, num, batch_size):
+        cond = {} if y is None else {"y": y[start:start + batch_size].to(device)}
+        out = fn(denoiser, x_T[start:start + batch_size], steps, generator=generator, progress=progress,
+                 **options, **cond)
+        outputs.append(out.x.float().cpu())
+        nfe = max(nfe, out.nfe)
+    return Samples(torch.cat(outputs), nfe)
+
+
+# --- a trained run ---------------------------------------------------------------------------------------------
+@dataclass
+class Pipeline:
+    """A trained model ready to sample: ``denoiser(x, t, y=) -> Prediction`` on ``path``."""
+
+    net: nn.Module
+    denoiser: NetworkDenoiser
+    config: RunConfig
+    data_shape: tuple
+    num_classes: int
+    data_kind: str
+    step: int
+    device: torch.device
+
+    @property
+    def path(self) -> GaussianPath:
+        return self.denoiser.path
+
+    def labels(self, num: int, y=None) -> Optional[torch.Tensor]:
+        """The labels to sample with: ``None`` for an unconditional model; for a class-conditional model
+        ``y`` as given (an int for all samples, or ``[num]``; ``NULL_LABEL`` = -1 for the unconditional
+        model learned with label dropout), or classes ``0, 1, …, K−1, 0, …`` in turn when ``y`` is None."""
+        if self.num_classes == 0:
+            if y is not None:
+                raise ValueError("this model is unconditional: it takes no class label")
+            return None
+        if y is None:
+            return torch.arange(num) % self.num_classes
+        y = torch.as_tensor(y, dtype=torch.long)
+        y = y.expand(num).clone() if y.ndim == 0 else y
+        if y.shape != (num,):
+            raise ValueError(f"labels must be one class or {num} of them, got shape {tuple(y.shape)}")
+        bad = (y < -1) | (y >= self.num_classes)
+        if bad.any():
+            raise ValueError(f"class {int(y[bad][0])} is out of range: this model has classes 0..{self.num_classes - 1}"
+                             " (and -1 for unconditional)")
+        return y
+
+    def sample(self, num: int, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
+               y=None, batch_size: int = 256, progress: bool = True, **options) -> Samples:
+        """``num`` samples with ``sampler`` (a key of :data:`SAMPLERS`) in ``steps`` network evaluations.
+
+        ``eta`` is DDIM's stochasticity (SPEC §5); ``seed`` fixes every random draw; ``y`` see :meth:`labels`.
+        Returns ``Samples(x (num, *data_shape) on the CPU, nfe per sample)``.
+        """
+        if eta:
+            options["eta"] = eta
+        generator = torch.Generator().manual_seed(int(seed))
+        return generate(self.denoiser, self.data_shape, num, sampler, steps, generator, self.labels(num, y),
+                        batch_size, progress, self.device, **options)
+
+
+def default_device(device=None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Union[str, int] = "latest") -> Pipeline:
+    """Restore a trained run (the EMA weights unless ``ema=False``) for sampling, in eval mode."""
+    from difflab.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run_dir, which, map_location="cpu")
+    cfg, meta = ckpt.config, ckpt.meta
+    data_shape, num_classes = tuple(meta["data_shape"]), int(meta["num_classes"])
+    net = build_model(cfg, data_shape, num_classes)
+    state = ckpt.ema["shadow"] if ema and ckpt.ema is not None else ckpt.model
+    net.load_state_dict(state)
+    device = default_device(device)
+    net.to(device).eval()
+    return Pipeline(net=net, denoiser=build_denoiser(cfg, net), config=cfg, data_shape=data_shape,
+                    num_classes=num_classes, data_kind=meta.get("data_kind", "points" if len(data_shape) == 1 else "image"),
+                    step=ckpt.step, device=device)
