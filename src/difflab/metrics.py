@@ -56,12 +56,12 @@ def sliced_wasserstein2(x: torch.Tensor, y: torch.Tensor, num_projections: int =
     x, y = _pair(x, y)
     theta = torch.randn(x.shape[1], num_projections, generator=generator, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
-    px, _ = torch.sort(x @ theta, dim=0)
-    py, _ = torch.sort(y @ theta, dim=0)
-    n = max(px.shape[0], py.shape[0])
+    px, _ = torch.sort(theta.T @ x.T, dim=1)  # (P, N): one sorted projection per row (contiguous sort)
+    py, _ = torch.sort(theta.T @ y.T, dim=1)  # (P, M)
+    n = max(px.shape[1], py.shape[1])
     q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    qx = torch.quantile(px, q, dim=0) if px.shape[0] != n else px
-    qy = torch.quantile(py, q, dim=0) if py.shape[0] != n else py
+    qx = torch.quantile(px, q, dim=1).T if px.shape[1] != n else px
+    qy = torch.quantile(py, q, dim=1).T if py.shape[1] != n else py
     return float(((qx - qy) ** 2).mean().sqrt())
 
 

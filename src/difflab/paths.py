@@ -15,8 +15,16 @@ import math
 
 import torch
 
-from difflab import schedules
+from difflab import gaussian, schedules
 from difflab.utils import bcast, randn
+
+# Halvings of the generic log-SNR inverse (:meth:`ContinuousPath.t_from_log_snr`): 64 halvings of
+# ``[0, t_max]`` reach float64 resolution for any ``t_max`` up to ~1e3.
+_BISECTION_STEPS = 64
+
+
+def _f64(t) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.float64)
 
 
 class GaussianPath:
@@ -176,6 +184,55 @@ class ContinuousPath(GaussianPath):
         s = self.s(t)
         return (2.0 * s * self.s_dot(t) - 2.0 * self.f_coef(t) * s**2).clamp(min=0.0)
 
+    # --- continuous-time helpers used by the ODE/SDE samplers, time grids and likelihood (SPEC §6) ---
+    def sigma_bar(self, t) -> torch.Tensor:
+        """``σ̄_t = s_t/a_t``, the noise level of the rescaled state ``x/a = x0 + σ̄ ε`` (EDM's σ; SPEC §6)."""
+        return self.s(t) / self.a(t)
+
+    def clean_time(self):
+        """The time at which ``s = 0`` (the data itself, where samplers end with ``x̂0``), or ``None``."""
+        return 0.0 if float(self.s(torch.zeros((), dtype=torch.float64))) == 0.0 else None
+
+    def log_snr_range(self):
+        """``(λ_noise, λ_clean)``: the log-SNR at ``t_max`` and at the clean end (or ``t_min``); may be ±inf."""
+        lo_t = self.clean_time() if self.clean_time() is not None else self.t_min
+        return float(self.log_snr(torch.tensor(float(self.t_max), dtype=torch.float64))), \
+            float(self.log_snr(torch.tensor(float(lo_t), dtype=torch.float64)))
+
+    def t_from_log_snr(self, lam) -> torch.Tensor:
+        """The time ``t`` with ``log_snr(t) = λ`` (float64, shaped like ``λ``).
+
+        The log-SNR decreases strictly along every path, so the generic inverse is a bisection on
+        ``[clean end (or t_min), t_max]`` to float64 resolution; paths with a closed form override it.
+        Raises ``ValueError`` for ``λ`` outside the path's range.
+        """
+        lam = self._checked_log_snr(lam)
+        lo_t = self.clean_time() if self.clean_time() is not None else float(self.t_min)
+        lo, hi = torch.full_like(lam, lo_t), torch.full_like(lam, float(self.t_max))
+        for _ in range(_BISECTION_STEPS):
+            mid = 0.5 * (lo + hi)
+            later = self.log_snr(mid) > lam  # λ(mid) still above the target: the answer lies later
+            lo, hi = torch.where(later, mid, lo), torch.where(later, hi, mid)
+        lam_noise, lam_clean = self.log_snr_range()
+        t = torch.where(lam >= lam_clean, torch.full_like(lam, lo_t), 0.5 * (lo + hi))
+        return torch.where(lam <= lam_noise, torch.full_like(lam, float(self.t_max)), t)
+
+    def t_from_sigma_bar(self, sigma_bar) -> torch.Tensor:
+        """The time with ``s/a = σ̄`` (``σ̄ = 0`` is the clean end), through ``λ = −2 log σ̄``."""
+        return self.t_from_log_snr(-2.0 * torch.log(torch.as_tensor(sigma_bar, dtype=torch.float64)))
+
+    def prior_logp(self, x: torch.Tensor) -> torch.Tensor:
+        """``log N(x; 0, s_max² I)``: the density of :meth:`prior_sample` at ``t_max``, ``[B]`` nats."""
+        return gaussian.log_normal_diag(x, torch.zeros_like(x), self.prior_std() ** 2)
+
+    def _checked_log_snr(self, lam) -> torch.Tensor:
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        lam_noise, lam_clean = self.log_snr_range()
+        tol = 1e-9 * (1.0 + lam.abs().nan_to_num(posinf=0.0, neginf=0.0))
+        if torch.isnan(lam).any() or ((lam > lam_clean + tol) | (lam < lam_noise - tol)).any():
+            raise ValueError(f"log-SNR outside the range [{lam_noise:.4g}, {lam_clean:.4g}] of {type(self).__name__}")
+        return lam
+
 
 class LinearPath(ContinuousPath):
     """Rectified-flow path ``x_t = (1−t) x0 + t ε`` on ``t ∈ [0, 1]`` (SPEC §6)."""
@@ -238,3 +295,226 @@ class TrigPath(ContinuousPath):
     def s_dot(self, t):
         return 0.5 * math.pi * self.a(t)
 
+
+
+class VPCosinePath(ContinuousPath):
+    """Variance-preserving path with the cosine schedule in continuous time (Nichol & Dhariwal 2021; SPEC §6).
+
+    ``a(t) = cos θ(t) / cos θ(0)`` with ``θ(t) = (t + s0)/(1 + s0) · π/2``, ``s(t) = √(1 − a²)``: the
+    continuous-time ``ᾱ(t) = a(t)²`` of which the DDPM cosine schedule samples ``t = k/T``. Its SDE is
+    the VP one with ``β(t) = −2ȧ/a = 2θ' tan θ``, so ``f = −½β x`` and ``g² = β``.
+    ``a`` vanishes at ``t = 1`` (where ``β`` is infinite), so the path stops at ``t_max = 0.995``,
+    where the log-SNR is −9.7 (VPPath ends at −10.05) and the ``N(0, I)`` prior is off by
+    ``a² ≈ 6e-5`` in variance.
+    """
+
+    def __init__(self, s0: float = 0.008, t_min: float = 0.0, t_max: float = 0.995):
+        if not 0.0 <= t_min < t_max < 1.0:
+            raise ValueError(f"need 0 <= t_min < t_max < 1, got t_min={t_min}, t_max={t_max}")
+        self.s0, self.t_min, self.t_max = s0, t_min, t_max
+        self._theta0 = 0.5 * math.pi * s0 / (1.0 + s0)
+        self._theta_dot = 0.5 * math.pi / (1.0 + s0)
+
+    def _theta(self, t):
+        return self._theta0 + self._theta_dot * _f64(t)
+
+    def a(self, t):
+        return torch.cos(self._theta(t)) / math.cos(self._theta0)
+
+    def s(self, t):
+        # 1 − a² = (cos²θ0 − cos²θ)/cos²θ0 = sin(θ−θ0) sin(θ+θ0)/cos²θ0, free of cancellation near t = 0
+        theta = self._theta(t)
+        return (torch.sin(theta - self._theta0) * torch.sin(theta + self._theta0)).clamp(min=0.0).sqrt() \
+            / math.cos(self._theta0)
+
+    def a_dot(self, t):
+        return -self._theta_dot * torch.sin(self._theta(t)) / math.cos(self._theta0)
+
+    def s_dot(self, t):
+        return -self.a(t) * self.a_dot(t) / self.s(t)  # from a² + s² = 1; infinite at the clean end t = 0
+
+    def beta(self, t):
+        """``β(t) = −2ȧ/a = 2θ' tan θ(t)``."""
+        return 2.0 * self._theta_dot * torch.tan(self._theta(t))
+
+    def g2(self, t):
+        return self.beta(t)  # the VP identity g² = −2ȧ/a, finite at t = 0 where s·ṡ is 0·∞
+
+    def t_from_log_snr(self, lam):
+        lam = self._checked_log_snr(lam)
+        a = torch.exp(0.5 * torch.nn.functional.logsigmoid(lam))  # a² = sigmoid(λ) on a VP path
+        return ((torch.arccos((a * math.cos(self._theta0)).clamp(max=1.0)) - self._theta0) / self._theta_dot).clamp(
+            min=0.0)
+
+
+class SubVPPath(VPPath):
+    """Sub-VP path (Song et al. 2021, eq. 29; SPEC §6): ``a = e^{−B/2}``, ``s = 1 − e^{−B}``, ``B(t) = ∫_0^t β``.
+
+    It shares the VP path's ``β(t)`` and ``a(t)`` (so ``f = −½β x``); its noise scale is the VP variance
+    itself, ``s = 1 − a²``, so its variance stays below VP's, and ``g² = d(s²)/dt + β s² = β (1 − e^{−2B})``.
+    """
+
+    def s(self, t):
+        return -torch.expm1(-self._int_beta(t))
+
+    def s_dot(self, t):
+        return self.beta(t) * torch.exp(-self._int_beta(t))
+
+    def g2(self, t):
+        return -self.beta(t) * torch.expm1(-2.0 * self._int_beta(t))
+
+
+class VEPath(ContinuousPath):
+    """Variance-exploding path (SMLD; Song et al. 2021, eq. 30; SPEC §6): ``a = 1``, ``s = σ_min (σ_max/σ_min)^t``.
+
+    ``f = 0`` and ``g² = dσ²/dt = 2 σ² log(σ_max/σ_min)`` on ``t ∈ [0, 1]``. The path starts at noise
+    ``σ_min`` (it has no clean end: samplers stop at ``σ_min``). Defaults are Song et al.'s CIFAR-10 values.
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        if not 0.0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.t_min, self.t_max = 0.0, 1.0
+        self._log_ratio = math.log(sigma_max / sigma_min)
+
+    def a(self, t):
+        return torch.ones_like(_f64(t))
+
+    def s(self, t):
+        return self.sigma_min * torch.exp(self._log_ratio * _f64(t))
+
+    def a_dot(self, t):
+        return torch.zeros_like(_f64(t))
+
+    def s_dot(self, t):
+        return self._log_ratio * self.s(t)
+
+    def t_from_log_snr(self, lam):
+        lam = self._checked_log_snr(lam)
+        return ((-0.5 * lam - math.log(self.sigma_min)) / self._log_ratio).clamp(0.0, 1.0)
+
+
+class EDMPath(ContinuousPath):
+    """EDM's path (Karras et al. 2022, Table 1; SPEC §6): ``a = 1``, ``s = t = σ`` on ``[σ_min, σ_max]``.
+
+    The probability-flow velocity is ``dx/dσ = ε̂`` exactly; ``g² = dσ²/dt = 2σ``. Time *is* the noise
+    level, so ``t = 0`` is the clean end (outside ``[σ_min, σ_max]``, reached by a final ``x̂0`` step).
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        if not 0.0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.t_min, self.t_max = sigma_min, sigma_max
+
+    def a(self, t):
+        return torch.ones_like(_f64(t))
+
+    def s(self, t):
+        return _f64(t).clone()
+
+    def a_dot(self, t):
+        return torch.zeros_like(_f64(t))
+
+    def s_dot(self, t):
+        return torch.ones_like(_f64(t))
+
+    def t_from_log_snr(self, lam):
+        return torch.exp(-0.5 * self._checked_log_snr(lam))
+
+
+class DiscreteTimeContinuation(ContinuousPath):
+    """A discrete DDPM path in continuous time ``t ∈ [0, 1]``, exact at every step ``k``: ``t = k/T``.
+
+    Between integer steps the log-SNR ``λ = log(ᾱ/(1−ᾱ))`` is interpolated linearly in the fractional
+    step ``u = tT`` (diffusers' log-σ interpolation for Karras grids is the same rule, since
+    ``log σ̄ = −λ/2``); on the first segment ``u ∈ [0, 1]`` (``λ_0 = +∞``) the noise level
+    ``σ̄ = s/a`` is interpolated linearly instead, ``σ̄ = u σ̄_1``, and on a zero-terminal-SNR last segment
+    (``λ_T = −∞``) ``1/σ̄`` is. The path is VP, so ``a² = sigmoid(λ)``, ``s² = sigmoid(−λ)``.
+
+    A network trained on the discrete path takes :meth:`network_time` (the fractional DDPM step ``u``) as
+    its time input: ``NetworkDenoiser(net, cont, target, time_fn=cont.network_time)``.
+    ``t_min = 1/T`` is the least noise the network was trained on; ``t = 0`` is the clean end.
+    """
+
+    def __init__(self, discrete_path: "DiscretePath"):
+        if not isinstance(discrete_path, DiscretePath):
+            raise ValueError("DiscreteTimeContinuation needs a DiscretePath")
+        self.source, self.T = discrete_path, discrete_path.T
+        self.t_min, self.t_max = 1.0 / self.T, 1.0
+        ab = discrete_path.alpha_bar
+        self.lam = torch.log(ab) - torch.log1p(-ab)  # λ_k, k = 0..T; λ_0 = +inf
+        self.zero_terminal_snr = bool(ab[-1] == 0.0)
+
+    def network_time(self, t) -> torch.Tensor:
+        """The fractional DDPM step ``u = tT`` (float64) to feed a network trained on discrete time."""
+        return _f64(t) * self.T
+
+    def _segment(self, t):
+        """Segment index ``k`` (``u ∈ [k, k+1]``) and fraction ``w = u − k``."""
+        u = (_f64(t) * self.T).clamp(0.0, float(self.T))
+        k = u.floor().clamp(max=self.T - 1)
+        return k.long(), u - k
+
+    def log_snr(self, t):
+        k, w = self._segment(t)
+        lam = self.lam.to(k.device)
+        lam_k, lam_k1 = lam[k], lam[k + 1]
+        inner = (1.0 - w) * lam_k.nan_to_num(posinf=0.0, neginf=0.0) + w * lam_k1.nan_to_num(posinf=0.0, neginf=0.0)
+        out = torch.where(k == 0, lam[1] - 2.0 * torch.log(w), inner)  # σ̄ = w σ̄_1
+        if self.zero_terminal_snr:
+            out = torch.where(k == self.T - 1, lam[self.T - 1] + 2.0 * torch.log1p(-w), out)  # 1/σ̄ = (1−w)/σ̄_{T−1}
+        return out
+
+    def a(self, t):
+        return torch.exp(0.5 * torch.nn.functional.logsigmoid(self.log_snr(t)))
+
+    def s(self, t):
+        return torch.exp(0.5 * torch.nn.functional.logsigmoid(-self.log_snr(t)))
+
+    def _derivatives(self, t):
+        """``(ȧ, ṡ)`` on the segment of ``t`` (right-hand derivatives at integer steps).
+
+        On a VP path ``ȧ = ½ a s² λ̇`` and ``ṡ = −½ s a² λ̇`` with the segment's constant ``λ̇ = T(λ_{k+1} − λ_k)``.
+        On the first segment ``σ̄ = w σ̄_1`` (so ``a = (1+σ̄²)^{−½}``, ``s = σ̄ a``): ``ȧ = −σ̄ a³ σ̄'``, ``ṡ = a³ σ̄'``
+        with ``σ̄' = T σ̄_1``; on a zero-terminal-SNR last segment ``ρ = 1/σ̄ = (1−w) ρ_{T−1}``:
+        ``ȧ = s³ ρ'``, ``ṡ = −ρ s³ ρ'`` with ``ρ' = −T ρ_{T−1}``. All stay finite at both ends.
+        """
+        k, w = self._segment(t)
+        a, s = self.a(t), self.s(t)
+        lam = self.lam.to(k.device)
+        lam_dot = self.T * (lam[k + 1] - lam[k]).nan_to_num(posinf=0.0, neginf=0.0)
+        a_dot, s_dot = 0.5 * a * s**2 * lam_dot, -0.5 * s * a**2 * lam_dot
+        sigma_bar_1 = math.exp(-0.5 * float(self.lam[1]))
+        sigma_bar_dot = self.T * sigma_bar_1
+        a_dot = torch.where(k == 0, -w * sigma_bar_1 * a**3 * sigma_bar_dot, a_dot)
+        s_dot = torch.where(k == 0, a**3 * sigma_bar_dot, s_dot)
+        if self.zero_terminal_snr:
+            rho_last = math.exp(0.5 * float(self.lam[self.T - 1]))
+            rho_dot = -self.T * rho_last
+            a_dot = torch.where(k == self.T - 1, s**3 * rho_dot, a_dot)
+            s_dot = torch.where(k == self.T - 1, -(1.0 - w) * rho_last * s**3 * rho_dot, s_dot)
+        return a_dot, s_dot
+
+    def a_dot(self, t):
+        return self._derivatives(t)[0]
+
+    def s_dot(self, t):
+        return self._derivatives(t)[1]
+
+    def g2(self, t):
+        return -2.0 * self.f_coef(t)  # VP: g² = β(t) = −2ȧ/a
+
+    def t_from_log_snr(self, lam):
+        """Exact inverse of the piecewise interpolation (a table search, no iteration)."""
+        lam = self._checked_log_snr(lam)
+        table = self.lam.to(lam.device)
+        # segment k holds λ ∈ [λ_{k+1}, λ_k]; −λ increases with k
+        k = torch.searchsorted(-table[1:].contiguous(), -lam.contiguous(), right=False).clamp(max=self.T - 1)
+        lam_k, lam_k1 = table[k], table[k + 1]
+        w = ((lam_k - lam) / (lam_k - lam_k1)).nan_to_num(0.0)
+        w = torch.where(k == 0, torch.exp(0.5 * (table[1] - lam)), w)
+        if self.zero_terminal_snr:
+            w = torch.where(k == self.T - 1, -torch.expm1(0.5 * (lam - table[self.T - 1])), w)
+        return ((k + w.clamp(0.0, 1.0)) / self.T).to(torch.float64)
