@@ -1,2 +1,10 @@
 """The paper's experiments as commands (``difflab experiment NAME``), each writing figures and a
-markdown report into a run folder. ``EXPERIMENTS`` maps a command name to its module's ``run``."""
+markdown report into a run folder.
+
+``EXPERIMENTS`` maps a command name to the module (under ``difflab.experiments``) whose
+``run(out_dir, **options) -> Path`` writes ``out_dir/report.md``; modules are imported only when run.
+"""
+
+EXPERIMENTS: dict[str, str] = {
+    "forward-process": "forward_process",
+}
