@@ -219,7 +219,8 @@ def sample_runge_kutta(denoiser, x: torch.Tensor, timesteps, tableau: ButcherTab
 def sample_euler(denoiser, x, timesteps, generator=None, callback=None, progress=False, **cond) -> Samples:
     """Euler on the PF-ODE: ``x ← x + (t_next − t) v(x, t)``; first order; NFE = steps (SPEC §6).
 
-    On the linear path (and EDM's) this is deterministic DDIM (SPEC §6 last bullet).
+    On the linear path (and EDM's) this is deterministic DDIM (SPEC §6 last bullet). The last step onto the
+    clean end returns ``x̂0`` at ``t`` (on the linear and EDM paths that *is* the Euler step).
     """
     return sample_runge_kutta(denoiser, x, timesteps, EULER, generator, callback, progress, **cond)
 
@@ -232,7 +233,8 @@ def sample_heun(denoiser, x, timesteps, generator=None, callback=None, progress=
 
 
 def sample_rk4(denoiser, x, timesteps, generator=None, callback=None, progress=False, **cond) -> Samples:
-    """Classical fourth-order Runge–Kutta on the PF-ODE; NFE = 4 per step, 1 for the clean step."""
+    """Classical fourth-order Runge–Kutta on the PF-ODE; NFE = 4 per step. The last step onto the clean end
+    returns ``x̂0`` at ``t`` (1 evaluation, no stages: the field's ``ṡ`` is infinite at ``s = 0`` on VP paths)."""
     return sample_runge_kutta(denoiser, x, timesteps, RK4, generator, callback, progress, **cond)
 
 
