@@ -40,8 +40,9 @@ class PathChange:
     """A denoiser on ``source.path`` seen on another path ``path`` (exact; module docstring).
 
     At time ``τ`` on ``path`` it calls the source at ``t = matching_time(path, τ, source.path)`` on
-    ``x · a_src(t)/a(τ)`` and returns the source's prediction unchanged (``x̂0`` and ``ε̂`` are path-free).
-    NFE passes through (``last_nfe``).
+    ``x · k`` with ``k = a_src(t)/a(τ) = s_src(t)/s(τ) = (a_src + s_src)/(a + s)`` (the last form is finite at
+    both ends, where ``a`` or ``s`` vanishes) and returns the source's prediction unchanged (``x̂0`` and ``ε̂``
+    are path-free). NFE passes through (``last_nfe``).
     """
 
     def __init__(self, source, path: ContinuousPath):
@@ -56,7 +57,8 @@ class PathChange:
     def __call__(self, x: torch.Tensor, t, **cond):
         tau = torch.as_tensor(t, dtype=torch.float64, device=x.device)
         t_src = matching_time(self.path, tau, self.source.path)
-        scale = self.source.path.a(t_src) / self.path.a(tau)
+        src = self.source.path
+        scale = (src.a(t_src) + src.s(t_src)) / (self.path.a(tau) + self.path.s(tau))
         return self.source(x * bcast(scale, x), t_src, **cond)
 
 
