@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from difflab.commands import train_classifier
+
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -86,6 +88,18 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("guidance (SPEC §7)")
+    g.add_argument("--guidance-scale", type=float, default=1.0, metavar="λ",
+                   help="classifier-free guidance scale of a class-conditional model: 0 unconditional, "
+                        "1 conditional (default), > 1 sharper; λ ≠ 1 costs 2 network evaluations per step")
+    g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+                   help="apply λ only for T_LO <= t <= T_HI, in the path's time units (0..T steps or 0..1)")
+    g.add_argument("--guidance-rescale", type=float, default=0.0, metavar="φ",
+                   help="rescale the guided prediction's std towards the conditional one's, φ in [0, 1] (default: 0)")
+    g.add_argument("--classifier", metavar="CLS_DIR", default=None,
+                   help="a noise-conditional classifier written by 'difflab train-classifier' for classifier guidance")
+    g.add_argument("--classifier-scale", type=float, default=None, metavar="W",
+                   help="classifier-guidance weight w (default with --classifier: 1)")
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -99,13 +113,27 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must end in .png or .npz, got {str(out)!r}")
     if args.num < 1 or args.steps < 1:
         raise ValueError("--num and --steps must be >= 1")
+    if args.classifier_scale is not None and args.classifier is None:
+        raise ValueError("--classifier-scale needs --classifier CLS_DIR")
     pipe = load_run(args.run_dir, ema=not args.no_ema, device=args.device)
     image = len(pipe.data_shape) == 3
     if out.suffix == ".png" and not image and pipe.data_shape != (2,):
         raise ValueError(f"a .png needs images or 2-D points; this run's data has shape {pipe.data_shape}: use .npz")
-    y = pipe.labels(args.num, args.label)
+    classifier = None
+    if args.classifier is not None:
+        from difflab.classifier_training import load_classifier
+
+        classifier = load_classifier(args.classifier, device=pipe.device)
+    if classifier is not None and not pipe.num_classes:  # an unconditional model takes its labels from the classifier
+        y = classifier.labels(args.num, args.label)
+    else:
+        y = pipe.labels(args.num, args.label)
+    guidance = {"guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale,
+                "guidance_interval": None if args.guidance_interval is None else tuple(args.guidance_interval),
+                "classifier": classifier,
+                "classifier_scale": 1.0 if args.classifier_scale is None else args.classifier_scale}
     samples = pipe.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, y=y,
-                          batch_size=args.batch_size, progress=not args.quiet)
+                          batch_size=args.batch_size, progress=not args.quiet, **guidance)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
         arrays = {"x": samples.x.numpy(), "nfe": np.array(samples.nfe)}
@@ -113,7 +141,8 @@ def run_sample(args: argparse.Namespace) -> int:
             arrays["y"] = y.numpy()
         np.savez(out, **arrays)
     elif image:
-        nrow = pipe.num_classes if (pipe.num_classes and args.label is None) else None
+        classes = pipe.num_classes or (classifier.num_classes if classifier is not None else 0)
+        nrow = classes if (classes and args.label is None) else None
         save_image_grid(samples.x, out, nrow=nrow)
     else:
         save_scatter(samples.x, out, title=f"{args.sampler}, {samples.nfe} NFE", labels=y)
@@ -126,12 +155,17 @@ examples:
   difflab sample runs/digits8 --sampler ddim --steps 50 --num 100 --out digits.png
   difflab sample runs/digits8 --sampler ddpm --steps 1000 --num 64 --class 3 --out threes.png
   difflab sample runs/moons --sampler ddim --steps 20 --eta 1 --num 5000 --out moons.npz
+  difflab sample runs/digits8 --class 7 --guidance-scale 3 --num 64 --out sevens.png
+  difflab sample runs/digits8 --guidance-scale 3 --guidance-interval 0 600 --guidance-rescale 0.7 --out cfg.png
+  difflab sample runs/digits8 --class 7 --classifier runs/digits8-classifier --classifier-scale 2 --out sevens.png
 """
 
 
 COMMANDS: list[Command] = [
     Command("train", "train a model from a YAML config", add_train_arguments, run_train, TRAIN_EXAMPLES),
     Command("sample", "draw samples from a trained run", add_sample_arguments, run_sample, SAMPLE_EXAMPLES),
+    Command("train-classifier", "train a noise-conditional classifier for classifier guidance",
+            train_classifier.add_arguments, train_classifier.run, train_classifier.EXAMPLES),
 ]
 """The subcommands, in the order ``difflab --help`` lists them."""
 

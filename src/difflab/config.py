@@ -1,12 +1,13 @@
 """Typed run configuration: one dataclass per component, loaded from YAML, overridable with ``--set``.
 
-A run is described by :class:`RunConfig` with four sections::
+A run is described by :class:`RunConfig` with these sections::
 
     data:      {name, path, n, options}                      -> difflab.data.load_dataset
     model:     {kind, conditional, learned_variance, ...}    -> difflab.networks.build_network
     diffusion: {path, schedule, T, zero_terminal_snr,        -> difflab.paths (SPEC §2, §6),
                 target, weighting, min_snr_gamma}               parameterisation (§4), loss (§3)
     train:     {steps, batch_size, lr, ...}                  -> difflab.training.train
+    classifier: {width, depth, steps, ...}                   -> difflab.classifier_training (optional)
 
 Every value is checked at the edge — unknown keys (with the nearest valid key suggested), wrong
 types, out-of-range numbers, bad enum values, combinations the math does not allow — and any
@@ -227,7 +228,41 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must lie in [0, 1), got {value}")
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
+@dataclass
+class ClassifierConfig:
+    """The noise-conditional classifier ``p_φ(y | x_t, t)`` of classifier guidance (SPEC §7), trained by
+    ``difflab train-classifier CONFIG`` on the config's data and path (:mod:`difflab.classifier_training`).
+
+    ``width``, ``depth`` and ``time_dim`` size :class:`~difflab.networks.classifier.NoisyClassifier`;
+    ``steps`` of AdamW on batches of ``batch_size`` (seed ``train.seed``); a random ``held_out`` fraction
+    of the data is kept aside to report the accuracy at several noise levels.
+    """
+
+    width: int = 64
+    depth: int = 2
+    time_dim: int = 64
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    held_out: float = 0.1
+    log_every: int = 50
+
+    def validate(self) -> None:
+        for name in ("width", "depth", "time_dim", "steps", "batch_size", "log_every"):
+            _at_least(f"classifier.{name}", getattr(self, name), 1)
+        if self.time_dim % 2:
+            raise ConfigError(f"classifier.time_dim must be even (sin/cos pairs), got {self.time_dim}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"classifier.lr must be a positive number, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"classifier.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.held_out < 1.0:
+            raise ConfigError(f"classifier.held_out must lie in [0, 1), got {self.held_out}")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig,
+            "classifier": ClassifierConfig}
 
 
 @dataclass
@@ -238,6 +273,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def validate(self) -> "RunConfig":
         for name in SECTIONS:

@@ -148,16 +148,59 @@ class Pipeline:
         return y
 
     def sample(self, num: int, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
-               y=None, batch_size: int = 256, progress: bool = True, **options) -> Samples:
+               y=None, batch_size: int = 256, progress: bool = True, guidance_scale: float = 1.0,
+               guidance_interval: Optional[tuple] = None, guidance_rescale: float = 0.0, classifier=None,
+               classifier_scale: float = 0.0, **options) -> Samples:
         """``num`` samples with ``sampler`` (a key of :data:`SAMPLERS`) in ``steps`` network evaluations.
 
         ``eta`` is DDIM's stochasticity (SPEC §5); ``seed`` fixes every random draw; ``y`` see :meth:`labels`.
+
+        Guidance (SPEC §7) wraps the denoiser before any sampler sees it:
+
+        - ``guidance_scale`` λ ≠ 1: classifier-free guidance of a class-conditional model
+          (:class:`~difflab.guidance.ClassifierFreeGuidance`, one batched call on ``2B`` inputs per step, so
+          each step counts 2 evaluations), with ``guidance_interval`` ``(t_lo, t_hi)`` in the path's time
+          units and the φ-rescale ``guidance_rescale``. λ = 1 is the conditional model itself (no wrapper).
+        - ``classifier`` (a :func:`~difflab.classifier_training.load_classifier` result, a classifier
+          directory, or any ``(x_t, t) -> logits`` callable) and ``classifier_scale`` w ≠ 0:
+          classifier guidance ``ε̂ = ε − w s_t ∇log p_φ(y | x_t, t)`` on top of the (guided) conditional model,
+          or of the unconditional model when the run has no classes (labels then come from the classifier).
+
         Returns ``Samples(x (num, *data_shape) on the CPU, nfe per sample)``.
         """
+        from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance
+
         if eta:
             options["eta"] = eta
+        denoiser = self.denoiser
+        if guidance_scale != 1.0:
+            if not self.num_classes:
+                raise ValueError("classifier-free guidance needs a class-conditional model (model.conditional: true "
+                                 "with train.p_uncond > 0); this run is unconditional")
+            denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, interval=guidance_interval,
+                                              rescale=guidance_rescale)
+        by_classifier = classifier is not None and classifier_scale != 0.0
+        if by_classifier:
+            if isinstance(classifier, (str, Path)):
+                from difflab.classifier_training import load_classifier
+
+                classifier = load_classifier(classifier, device=self.device)
+            if hasattr(classifier, "check_matches"):
+                classifier.check_matches(self.config, self.data_shape, self.num_classes)
+            denoiser = ClassifierGuidance(denoiser, classifier, classifier_scale,
+                                          condition_denoiser=bool(self.num_classes))
+        if not by_classifier or self.num_classes:
+            labels = self.labels(num, y)
+        elif hasattr(classifier, "labels"):
+            labels = classifier.labels(num, y)
+        elif y is None:
+            raise ValueError("classifier guidance of an unconditional model needs the labels: pass y=")
+        else:
+            labels = torch.as_tensor(y, dtype=torch.long).expand(num).clone()
+        if by_classifier and (labels < 0).any():
+            raise ValueError("classifier guidance needs a class to guide towards, not -1 (unconditional)")
         generator = torch.Generator().manual_seed(int(seed))
-        return generate(self.denoiser, self.data_shape, num, sampler, steps, generator, self.labels(num, y),
+        return generate(denoiser, self.data_shape, num, sampler, steps, generator, labels,
                         batch_size, progress, self.device, **options)
 
 
