@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from difflab.commands import train_classifier
+from difflab.commands import evaluate, experiment
+from difflab.commands import demo, train_classifier
+from difflab.commands import nll, reflow
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -164,8 +166,18 @@ examples:
 COMMANDS: list[Command] = [
     Command("train", "train a model from a YAML config", add_train_arguments, run_train, TRAIN_EXAMPLES),
     Command("sample", "draw samples from a trained run", add_sample_arguments, run_sample, SAMPLE_EXAMPLES),
+    Command("demo", "train and sample on built-in data; write a report with pictures and numbers",
+            demo.add_arguments, demo.run, demo.EXAMPLES),
+    Command("eval", "score a trained run's samples against its data (table + JSON)", evaluate.add_arguments,
+            evaluate.run, evaluate.EXAMPLES),
+    Command("experiment", "run one of the paper's experiments (report.md + figures)", experiment.add_arguments,
+            experiment.run, experiment.EXAMPLES),
     Command("train-classifier", "train a noise-conditional classifier for classifier guidance",
             train_classifier.add_arguments, train_classifier.run, train_classifier.EXAMPLES),
+    Command("nll", "bits/dim of a trained run on held-out data: discrete ELBO or probability-flow ODE",
+            nll.add_arguments, nll.run, nll.EXAMPLES),
+    Command("reflow", "straighten a rectified-flow run: retrain on its own (noise, sample) pairs",
+            reflow.add_arguments, reflow.run, reflow.EXAMPLES),
 ]
 """The subcommands, in the order ``difflab --help`` lists them."""
 
