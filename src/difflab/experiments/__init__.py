@@ -7,4 +7,8 @@ markdown report into a run folder.
 
 EXPERIMENTS: dict[str, str] = {
     "forward-process": "forward_process",
+    "ddim-steps": "ddim_steps",
+    "schedules": "schedules",
+    "ode-solvers": "ode_solvers",
+    "parameterization": "parameterization",
 }
