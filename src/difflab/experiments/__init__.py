@@ -11,4 +11,6 @@ EXPERIMENTS: dict[str, str] = {
     "schedules": "schedules",
     "ode-solvers": "ode_solvers",
     "parameterization": "parameterization",
+    "guidance-scale": "guidance_scale",
+    "guidance-tilted": "guidance_tilted",
 }
