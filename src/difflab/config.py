@@ -140,7 +140,9 @@ class DiffusionConfig:
     ``path: discrete`` is DDPM time ``t ∈ {0..T}`` on the named β ``schedule`` (optionally rescaled to
     zero terminal SNR); ``linear`` (rectified flow), ``vp`` and ``trig`` are continuous paths on
     ``[0, 1]``. ``target`` is what the network regresses (SPEC §4); ``weighting`` the loss weight
-    ``w(t)`` (SPEC §3, :mod:`difflab.losses`).
+    ``w(t)`` (SPEC §3, :mod:`difflab.losses`). ``coupling`` pairs data with noise for flow matching
+    (SPEC §6): ``none`` draws them independently, ``ot`` re-pairs each minibatch by exact optimal transport
+    (:func:`difflab.flows.flow_matching_loss`; needs ``target: velocity``).
     """
 
     path: str = field(default="discrete", metadata=_choices("discrete", *CONTINUOUS_PATHS))
@@ -150,9 +152,13 @@ class DiffusionConfig:
     target: str = field(default="eps", metadata=_choices("eps", "x0", "v", "velocity"))
     weighting: str = field(default="none", metadata=_choices(*WEIGHTINGS))
     min_snr_gamma: float = 5.0
+    coupling: str = field(default="none", metadata=_choices("none", "ot"))
 
     def validate(self) -> None:
         _at_least("diffusion.T", self.T, 1)
+        if self.coupling == "ot" and (self.target != "velocity" or self.weighting != "none"):
+            raise ConfigError("diffusion.coupling 'ot' is a flow-matching coupling: it needs target velocity "
+                              "(on a continuous path) and weighting none")
         if not self.min_snr_gamma > 0:
             raise ConfigError(f"diffusion.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
         discrete = self.path == "discrete"

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from functools import partial
@@ -75,7 +76,131 @@ def run_ddpm(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bo
     return sample_chain(denoiser, x, continuous_grid(path, steps), step, generator, None, progress, **cond)
 
 
-SAMPLERS: dict[str, Callable[..., Samples]] = {"ddpm": run_ddpm, "ddim": run_ddim}
+# --- continuous-time samplers (SPEC §6) ----------------------------------------------------------------------
+def continuous_view(denoiser):
+    """``denoiser`` on a continuous path: itself, or a DDPM-time model seen exactly in continuous time.
+
+    A network trained on discrete steps is re-wrapped on :class:`~difflab.paths.DiscreteTimeContinuation`
+    with ``network_time`` (the fractional DDPM step ``u = tT``) as its time input, so integer grid times give
+    exactly the discrete model. A wrapper with an inner ``.denoiser`` (guidance) is copied around the
+    converted inner model; an exact test-bed model is rebuilt on the continuation.
+    """
+    from difflab.paths import DiscreteTimeContinuation
+
+    path = denoiser.path
+    if not getattr(path, "discrete", False):
+        return denoiser
+    cont = DiscreteTimeContinuation(path)
+    if isinstance(denoiser, NetworkDenoiser):
+        return NetworkDenoiser(denoiser.net, cont, denoiser.target, learned_variance=denoiser.learned_variance,
+                               time_fn=cont.network_time)
+    if hasattr(denoiser, "bed"):
+        return denoiser.bed.denoiser(cont)
+    inner = getattr(denoiser, "denoiser", None)
+    if inner is None:
+        raise ValueError(f"{type(denoiser).__name__} runs in discrete time only; the continuous samplers need a "
+                         "NetworkDenoiser (or a wrapper of one)")
+    view = copy.copy(denoiser)
+    view.denoiser = continuous_view(inner)
+    view.path = view.denoiser.path
+    return view
+
+
+def solver_grid(path, nfe: int, solver: str) -> torch.Tensor:
+    """The time grid for an ODE ``solver`` with a budget of ``nfe`` network evaluations.
+
+    :func:`difflab.samplers.time_grids.default_grid` (difflab's measured best grid per solver and budget) once
+    its tables are present; until then Karras ρ = 7 for the Runge–Kutta methods and uniform log-SNR for the
+    multistep ones, with the most steps the budget buys (the clean step costs 1), and ``[t_max, t_min, clean
+    end]`` (``t_min`` at ``σ̄_min``, see :func:`~difflab.samplers.time_grids.noise_range`) for the adaptive solver.
+    """
+    from difflab.samplers import time_grids
+    from difflab.samplers.ode import EVALS_PER_STEP
+
+    if not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"steps must be a positive integer, got {nfe!r}")
+    if hasattr(time_grids, "DEFAULT_GRIDS"):
+        return time_grids.default_grid(path, nfe, solver)
+    if solver == "rk45":  # integrate down to the least noise σ̄_min, then the x̂0 step onto the clean end
+        sigma_min, _ = time_grids.noise_range(path)
+        ends = [float(path.t_max), float(path.t_from_sigma_bar(sigma_min))]
+        return torch.tensor(ends + ([path.clean_time()] if path.clean_time() is not None else []), dtype=torch.float64)
+    steps = 1 + (nfe - 1) // EVALS_PER_STEP[solver]
+    if steps < 3:
+        return time_grids.uniform_t(path, steps)
+    spacing = time_grids.uniform_log_snr if solver in ("dpmpp2m", "deis") else time_grids.karras
+    return spacing(path, steps)
+
+
+def _ode_runner(solver: str) -> Callable[..., Samples]:
+    def run(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, **cond) -> Samples:
+        from difflab.samplers.ode import ODE_SOLVERS
+
+        den = continuous_view(denoiser)
+        return ODE_SOLVERS[solver](den, x, solver_grid(den.path, steps, solver), generator=generator,
+                                   progress=progress, **cond)
+
+    run.__name__ = f"run_{solver}"
+    run.__doc__ = (f"Probability-flow ODE, ``{solver}`` (:mod:`difflab.samplers.ode`, SPEC §6), within ``steps`` "
+                   "network evaluations on :func:`solver_grid`; a DDPM-time model runs through :func:`continuous_view`.")
+    return run
+
+
+def run_deis(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, order: int = 3,
+             **cond) -> Samples:
+    """DEIS log-ρ Adams–Bashforth of ``order`` (SPEC §6) with ``steps`` evaluations on :func:`solver_grid`."""
+    from difflab.samplers.ode import sample_deis
+
+    den = continuous_view(denoiser)
+    return sample_deis(den, x, solver_grid(den.path, steps, "deis"), order=order, generator=generator,
+                       progress=progress, **cond)
+
+
+def run_rk45(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, rtol: float = 1e-5,
+             atol: float = 1e-5, **cond) -> Samples:
+    """Adaptive Dormand–Prince (SPEC §6): ``steps`` is ignored (the tolerances set the cost; the NFE is reported)."""
+    from difflab.samplers.ode import sample_rk45
+
+    den = continuous_view(denoiser)
+    return sample_rk45(den, x, solver_grid(den.path, 1, "rk45"), rtol=rtol, atol=atol, generator=generator,
+                       progress=progress, **cond)
+
+
+def run_sde(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, **cond) -> Samples:
+    """Reverse-SDE Euler–Maruyama (SPEC §6) with ``steps`` evaluations, uniform in the path's time."""
+    from difflab.samplers.sde import sample_euler_maruyama
+    from difflab.samplers.time_grids import uniform_t
+
+    den = continuous_view(denoiser)
+    return sample_euler_maruyama(den, x, uniform_t(den.path, steps), generator=generator, progress=progress, **cond)
+
+
+def run_pc(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, snr: float = 0.16,
+           corrector_steps: int = 1, **cond) -> Samples:
+    """Predictor–corrector (SPEC §6) within ``steps`` evaluations: ``steps // (1 + corrector_steps)`` grid steps."""
+    from difflab.samplers.sde import sample_pc
+    from difflab.samplers.time_grids import uniform_t
+
+    den = continuous_view(denoiser)
+    grid = uniform_t(den.path, max(1, steps // (1 + corrector_steps)))
+    return sample_pc(den, x, grid, snr=snr, corrector_steps=corrector_steps, generator=generator, progress=progress,
+                     **cond)
+
+
+def run_ancestral(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, **cond) -> Samples:
+    """Ancestral steps ``x_{t'} ~ q(x_{t'} | x_t, x̂0)`` in continuous time (SPEC §6), uniform in the path's time."""
+    from difflab.samplers.sde import sample_ancestral
+    from difflab.samplers.time_grids import uniform_t
+
+    den = continuous_view(denoiser)
+    return sample_ancestral(den, x, uniform_t(den.path, steps), generator=generator, progress=progress, **cond)
+
+
+SAMPLERS: dict[str, Callable[..., Samples]] = {
+    "ddpm": run_ddpm, "ddim": run_ddim,
+    **{name: _ode_runner(name) for name in ("euler", "heun", "rk4", "dpmpp2m")},
+    "deis": run_deis, "rk45": run_rk45, "sde": run_sde, "pc": run_pc, "ancestral": run_ancestral,
+}
 """Sampler name -> ``fn(denoiser, x_T, steps, generator=, progress=, **options, **cond) -> Samples``."""
 
 

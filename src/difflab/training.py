@@ -57,6 +57,7 @@ from difflab.checkpoint import (CHECKPOINT_DIR, atomic_write_bytes, has_checkpoi
                                 save_checkpoint)
 from difflab.config import ConfigError, RunConfig, build_path, save_config
 from difflab.ema import EMA
+from difflab.flows import flow_matching_loss
 from difflab.losses import diffusion_loss, sample_time
 from difflab.pipeline import build_denoiser, build_model, generate
 
@@ -334,8 +335,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, dataset
         for group in optimizer.param_groups:
             group["lr"] = lr
         with _autocast(device, amp_dtype):
-            loss = diffusion_loss(denoiser, x_data[idx], cfg.diffusion.weighting, t=t, eps=eps,
-                                  min_snr_gamma=cfg.diffusion.min_snr_gamma, **cond).mean()
+            if cfg.diffusion.coupling == "ot":  # flow matching on minibatch-OT pairs (SPEC §6)
+                loss = flow_matching_loss(denoiser, x_data[idx], "ot", eps=eps, t=t, **cond).mean()
+            else:
+                loss = diffusion_loss(denoiser, x_data[idx], cfg.diffusion.weighting, t=t, eps=eps,
+                                      min_snr_gamma=cfg.diffusion.min_snr_gamma, **cond).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)

@@ -12,7 +12,8 @@ run from ``t_max`` down to the data. With the signed step ``h = t' − t < 0`` t
 Final step: a step onto the clean end (``s(t') = 0``) returns the denoised ``x̂0 = E[x0 | x_t]`` at ``t``
 (Tweedie's formula; Song et al.'s ``denoise=True``) without noise. It costs the one evaluation at ``t``
 that the step makes anyway, so NFE = number of steps (× ``1 + corrector_steps`` for PC). Grids from
-:mod:`difflab.samplers.time_grids` end there by default. The drift needs ``a(t) > 0`` on the grid.
+:mod:`difflab.samplers.time_grids` end there by default. A step from pure noise (``a(t) = 0``, where ``f`` and
+``g`` are infinite) is the ancestral draw (:func:`euler_maruyama_step`).
 """
 
 from __future__ import annotations
@@ -38,13 +39,23 @@ def euler_maruyama_step(path: GaussianPath, x: torch.Tensor, pred: Prediction, t
                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One reverse-SDE Euler–Maruyama step ``t → t_next`` (module docstring); ``x̂0`` onto the clean end.
 
+    Where ``a(t) = 0`` (pure noise: the linear path's ``t = 1``, zero terminal SNR) ``f`` and ``g²`` are infinite;
+    the step from there is the ancestral draw ``x' ~ q(x_{t'} | x_t, x̂0) = N(a' x̂0, s'² I)`` (the reverse
+    transition for a locally constant ``x̂0``; :func:`~difflab.samplers.ancestral.ddpm_step`).
     A chain transition (:func:`~difflab.samplers.chain.sample_chain` signature); ``t, t_next`` are ``[B]``.
     """
     h = bcast(t_next - t, x)
     s = bcast(path.s(t), x)
+    z = randn(x.shape, generator, x.device, x.dtype)
+    pure_noise = append_dims(path.a(t) == 0, x.ndim).to(x.device)
+    if pure_noise.any():
+        c_x0, _, var = path.posterior_coefficients(t, t_next)
+        from_noise = bcast(c_x0, x) * pred.x0 + bcast(var.sqrt(), x) * z
     drift = bcast(path.f_coef(t), x) * x + bcast(path.g2(t), x) * pred.eps / s
-    noise = bcast(path.g2(t).sqrt(), x) * (-h).sqrt() * randn(x.shape, generator, x.device, x.dtype)
-    return torch.where(_clean(path, t_next, x), pred.x0, x + drift * h + noise)
+    x_next = x + drift * h + bcast(path.g2(t).sqrt(), x) * (-h).sqrt() * z
+    if pure_noise.any():
+        x_next = torch.where(pure_noise, from_noise, x_next)
+    return torch.where(_clean(path, t_next, x), pred.x0, x_next)
 
 
 def langevin_step(path: GaussianPath, x: torch.Tensor, pred: Prediction, t, snr: float,
