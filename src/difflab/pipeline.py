@@ -111,7 +111,8 @@ def solver_grid(path, nfe: int, solver: str) -> torch.Tensor:
 
     :func:`difflab.samplers.time_grids.default_grid` (difflab's measured best grid per solver and budget) once
     its tables are present; until then Karras ρ = 7 for the Runge–Kutta methods and uniform log-SNR for the
-    multistep ones, with the most steps the budget buys (the clean step costs 1), and ``[t_max, t_min, clean
+    multistep ones, with the most steps the budget buys (the clean step costs 1; a budget of one or two steps
+    is uniform in ``t``, the rectified-flow few-step grid), and ``[t_max, t_min, clean
     end]`` (``t_min`` at ``σ̄_min``, see :func:`~difflab.samplers.time_grids.noise_range`) for the adaptive solver.
     """
     from difflab.samplers import time_grids
@@ -119,15 +120,15 @@ def solver_grid(path, nfe: int, solver: str) -> torch.Tensor:
 
     if not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"steps must be a positive integer, got {nfe!r}")
+    steps = 1 + (nfe - 1) // EVALS_PER_STEP.get(solver, 1)
+    if solver != "rk45" and steps < 3:  # one or two steps: t_max → (midpoint →) clean end, as rectified flow samples
+        return time_grids.uniform_t(path, steps)
     if hasattr(time_grids, "DEFAULT_GRIDS"):
         return time_grids.default_grid(path, nfe, solver)
     if solver == "rk45":  # integrate down to the least noise σ̄_min, then the x̂0 step onto the clean end
         sigma_min, _ = time_grids.noise_range(path)
         ends = [float(path.t_max), float(path.t_from_sigma_bar(sigma_min))]
         return torch.tensor(ends + ([path.clean_time()] if path.clean_time() is not None else []), dtype=torch.float64)
-    steps = 1 + (nfe - 1) // EVALS_PER_STEP[solver]
-    if steps < 3:
-        return time_grids.uniform_t(path, steps)
     spacing = time_grids.uniform_log_snr if solver in ("dpmpp2m", "deis") else time_grids.karras
     return spacing(path, steps)
 

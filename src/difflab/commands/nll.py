@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             nfe = max(nfe, out["nfe"])
     bpd = torch.cat(bpd).double()
     stderr = float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
-    cost = f"; {nfe} network evaluations per batch" if args.method == "ode" else ""
+    cost = f"; {nfe} network evaluations per example" if args.method == "ode" else ""
     print(f"difflab: {args.method} {float(bpd.mean()):.4f} bits/dim ± {stderr:.4f} (standard error, N={len(bpd)} "
           f"{note} of {cfg.data.name}; {how}{cost})")
     return 0
