@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from difflab.cli import main
 from difflab.experiments import EXPERIMENTS, common, ddim_steps, forward_process, ode_solvers, parameterization, \
     schedules
 
@@ -37,14 +38,33 @@ def finite(rows, *keys):
     return all(isinstance(r[k], (int, float)) and math.isfinite(r[k]) for r in rows for k in keys)
 
 
-def test_every_experiment_module_has_run():
-    """Every name the CLI lists resolves to a module with ``run(out_dir, ...)``."""
+@pytest.mark.parametrize("name", ["forward-process", "ddim-steps", "schedules", "ode-solvers", "parameterization"])
+def test_experiment_is_registered_with_a_run_function(name):
+    """The name the CLI takes resolves to a module with ``run(out_dir, ...)``."""
     import importlib
     import inspect
 
-    for name, module in EXPERIMENTS.items():
-        run = importlib.import_module(f"difflab.experiments.{module}").run
-        assert list(inspect.signature(run).parameters)[0] == "out_dir", name
+    run = importlib.import_module(f"difflab.experiments.{EXPERIMENTS[name]}").run
+    assert list(inspect.signature(run).parameters)[0] == "out_dir", name
+
+
+def test_experiment_list_names_every_registered_experiment(capsys):
+    assert main(["experiment", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in EXPERIMENTS:
+        assert f"  {name}  " in out or f"  {name} " in out, name
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["experiment"], "name an experiment"),
+    (["experiment", "forward-process", "some_run"], "takes no RUN_DIR"),
+    (["experiment", "ddim-steps", "no/such/run"], "no run directory"),
+    (["experiment", "no-such-experiment"], "invalid choice"),
+])
+def test_experiment_user_errors_are_one_line(capsys, argv, fragment):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and fragment in err and "Traceback" not in err
 
 
 def test_forward_process(tmp_path):
@@ -56,7 +76,8 @@ def test_forward_process(tmp_path):
 def test_ddim_steps_quick(tmp_path, tiny_run):
     """SPEC §5, §8. DDIM on the exact 16-D bed: exact KL falls with steps (measured 10 → 0.82, 100 → 0.0094 nats;
     asserted: strictly decreasing and KL(10) > 10·KL(100)). Trained part: NFE equals the steps of each sampler."""
-    ddim_steps.run(tmp_path, run_dir=tiny_run, quick=True)
+    code = main(["experiment", "ddim-steps", str(tiny_run), "--out", str(tmp_path), "--quick"])  # through the CLI
+    assert code == 0
     results = written(tmp_path, ["quality_vs_nfe.png", "time_vs_nfe.png", "bed_kl_vs_nfe.png", "samples.png"])
     trained = results["trained_model"]
     assert [(r["sampler"], r["NFE"]) for r in trained] == [("DDPM", 100), ("DDIM", 100), ("DDIM", 50), ("DDIM", 20),
@@ -74,6 +95,9 @@ def test_ode_solvers_quick(tmp_path, tiny_run):
     bed = results["exact_bed"]
     assert finite(bed, "KL [nats]", "NFE")
     kl = {(r["solver"], r["budget"]): r["KL [nats]"] for r in bed}
+    from difflab.samplers.ode import ODE_SOLVERS
+
+    assert {r["solver"] for r in bed} == {"ddim", *ODE_SOLVERS}, "a solver was skipped: see the report's notes"
     for solver in ("ddim", *ode_solvers.SOLVERS):
         if (solver, 10) in kl:
             assert kl[(solver, 20)] < kl[(solver, 10)], solver

@@ -12,16 +12,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import re
 from pathlib import Path
 
 
 def experiment_summary(name: str) -> str:
-    """The first line of an experiment module's docstring, without the ``Experiment ``name``:`` prefix."""
+    """The first paragraph of an experiment module's docstring, without its ``Experiment ``name``:`` prefix and
+    closing parenthesis."""
     from difflab.experiments import EXPERIMENTS
 
-    module = importlib.import_module(f"difflab.experiments.{EXPERIMENTS[name]}")
-    first = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
-    return first.split(":", 1)[1].strip() if first.startswith("Experiment") and ":" in first else first
+    try:
+        module = importlib.import_module(f"difflab.experiments.{EXPERIMENTS[name]}")
+    except ImportError as err:
+        return f"(cannot be loaded: {err})"
+    paragraph = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
+    if paragraph.startswith("Experiment") and ":" in paragraph:
+        paragraph = paragraph.split(":", 1)[1].strip()
+    return re.sub(r"\s*\([^()]*\)\.?$", "", paragraph)  # without the closing "(SPEC ...)" reference
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,8 +5,7 @@ probability-flow ODE — quality vs NFE on a trained model, and exact KL vs NFE 
 1. **Exact 16-D Gaussian bed** (condition number 100, DDPM linear schedule, T = 1000, in continuous time
    through :class:`~difflab.paths.DiscreteTimeContinuation`): the model is exact and every solver is affine
    in ``x_T``, so its output Gaussian — and its KL to the data — is exact (no sampling noise). Each solver
-   runs on the same kind of grid — even in log-SNR, as many steps as its budget allows (:func:`solver_grid`);
-   RK45 on its tolerances. DDIM (η = 0) on the discrete chain is the baseline; the tightest RK45 solve shows the
+   runs on the grid ``difflab sample`` gives it for the budget (:func:`solver_grid`); RK45 on its tolerances. DDIM (η = 0) on the discrete chain is the baseline; the tightest RK45 solve shows the
    floor that the ``N(0, I)`` prior leaves for any solver.
 2. **A trained model** (``run_dir``, or the built-in two-moons run): each solver by its name in
    :data:`difflab.pipeline.SAMPLERS`, quality (sliced W2 / FD-<dataset>) vs the NFE it actually made. A
@@ -15,6 +14,7 @@ probability-flow ODE — quality vs NFE on a trained model, and exact KL vs NFE 
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +30,15 @@ QUICK_NFE_BUDGETS = (10, 20)
 TOLERANCES = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 QUICK_TOLERANCES = (1e-2, 1e-3)
 EVALS_PER_STEP = {"euler": 1, "heun": 2, "rk4": 4, "dpmpp2m": 1, "deis": 1}  # the clean last step costs 1
+
+
+def attempt(notes: list, label: str, fn, *args) -> list:
+    """``fn(*args)``; if it fails, a note in the report (the experiment goes on without that solver) and ``[]``."""
+    try:
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001 - one solver's failure is reported, not fatal to the others
+        notes.append(f"{label}: failed and skipped ({type(err).__name__}: {err})")
+        return []
 
 
 def bed_part(report: Report, quick: bool) -> list:
@@ -56,31 +65,29 @@ def bed_part(report: Report, quick: bool) -> list:
             return out.x
         return exact_kl(bed, sample, prior_std), nfe[0]
 
-    for budget in budgets:
-        kl, nfe = measured(lambda x: sample_ddim(bed.denoiser(discrete), x, steps=budget))
-        rows.append({"solver": "ddim", "budget": budget, "NFE": nfe, "KL [nats]": kl})
-    for name in SOLVERS:
+    def row(name, budget, fn):
+        kl, nfe = measured(fn)
+        return {"solver": name, "budget": budget, "NFE": nfe, "KL [nats]": kl}
+
+    def bed_rows(name):
+        if name == ADAPTIVE:
+            grid = solver_grid(path, 1, ADAPTIVE)
+            return [row(name, f"rtol = atol = {tol:g}", lambda x: solvers[name](den, x, grid, rtol=tol, atol=tol))
+                    for tol in (QUICK_TOLERANCES if quick else TOLERANCES)]
+        return [row(name, budget, lambda x: solvers[name](den, x, solver_grid(path, budget, name))) for budget in budgets]
+
+    rows += [row("ddim", budget, lambda x: sample_ddim(bed.denoiser(discrete), x, steps=budget)) for budget in budgets]
+    for name in (*SOLVERS, ADAPTIVE):
         if name not in solvers:
             notes.append(f"{LABELS[name]}: not available in difflab.samplers.ode; skipped")
-            continue
-        for budget in budgets:
-            grid = solver_grid(path, budget, name)
-            kl, nfe = measured(lambda x: solvers[name](den, x, grid))
-            rows.append({"solver": name, "budget": budget, "NFE": nfe, "KL [nats]": kl})
-    if ADAPTIVE in solvers:
-        grid = solver_grid(path, 0, ADAPTIVE)
-        for tol in (QUICK_TOLERANCES if quick else TOLERANCES):
-            kl, nfe = measured(lambda x: solvers[ADAPTIVE](den, x, grid, rtol=tol, atol=tol))
-            rows.append({"solver": ADAPTIVE, "budget": f"rtol = atol = {tol:g}", "NFE": nfe, "KL [nats]": kl})
-    else:
-        notes.append(f"{LABELS[ADAPTIVE]}: not available; skipped")
+        else:
+            rows += attempt(notes, LABELS[name], bed_rows, name)
 
     report.heading("Exact 16-D Gaussian bed")
     report.text("Exact KL(solver output ‖ data) in nats: each deterministic solver is affine in x_T on a Gaussian "
-                "bed, so 17 probe points give its exact output Gaussian (SPEC §8). Every fixed-step solver runs on a "
-                "grid evenly spaced in log-SNR from σ̄(t_max) to σ̄(t_min) plus one x̂0 step to the clean end, with "
-                "as many steps as the budget allows at its evaluations per step; DDIM runs the discrete chain "
-                "(trailing spacing). NFE: what the solver actually made, counted from its denoiser calls.")
+                "bed, so 17 probe points give its exact output Gaussian (SPEC §8). " + grid_description() +
+                "; DDIM runs the discrete chain (trailing spacing). Budget: the NFE asked for; NFE: what the solver "
+                "actually made, counted from its denoiser calls.")
     for note in notes:
         report.text(f"_Note: {note}._")
     report.table(rows, key="exact_bed")
@@ -98,16 +105,30 @@ def bed_part(report: Report, quick: bool) -> list:
 
 
 def solver_grid(path, budget: int, solver: str):
-    """The grid a solver gets for a budget of ``budget`` evaluations on the bed: evenly spaced in log-SNR
-    from ``σ̄(t_max)`` to ``σ̄(t_min)`` then one ``x̂0`` step to the clean end (SPEC §6), with as many steps as
-    fit at the solver's evaluations per step; RK45 gets ``[t_max, t_min, clean end]`` and picks its own steps."""
+    """The grid a solver gets for ``budget`` evaluations: the one ``difflab sample --sampler NAME`` uses
+    (:func:`difflab.pipeline.solver_grid`) where it exists, else evenly spaced in log-SNR from ``σ̄(t_max)`` to
+    ``σ̄(t_min)`` plus one ``x̂0`` step to the clean end (SPEC §6), as many steps as fit at the solver's
+    evaluations per step; RK45 gets ``[t_max, t_min, clean end]`` and picks its own steps."""
     import torch
 
+    from difflab import pipeline
     from difflab.samplers.time_grids import uniform_log_snr
 
+    if hasattr(pipeline, "solver_grid"):
+        return pipeline.solver_grid(path, max(budget, 1), solver)
     if solver == ADAPTIVE:
         return torch.tensor([float(path.t_max), float(path.t_min), float(path.clean_time())], dtype=torch.float64)
     return uniform_log_snr(path, max(1, 1 + (budget - 1) // EVALS_PER_STEP[solver]))
+
+
+def grid_description() -> str:
+    from difflab import pipeline
+
+    if hasattr(pipeline, "solver_grid"):
+        return ("Every solver runs on the grid `difflab sample --sampler NAME` gives it for that budget "
+                "(`difflab.pipeline.solver_grid`)")
+    return ("Every fixed-step solver runs on a grid evenly spaced in log-SNR from σ̄(t_max) to σ̄(t_min) plus one x̂0 "
+            "step to the clean end, with as many steps as the budget allows at its evaluations per step")
 
 
 def trained_part(report: Report, pipe, quick: bool, num: int, seed: int) -> list:
@@ -115,32 +136,30 @@ def trained_part(report: Report, pipe, quick: bool, num: int, seed: int) -> list
 
     ref = reference_for(pipe.config)
     num = min(num, ref.max_samples())
-    steps_list = (5, 10) if quick else (5, 10, 20, 50, 100)
+    steps_list = (10,) if quick else (5, 10, 20, 50, 100)
     rows, notes = [], []
-    for name in ("ddim", *SOLVERS):
+    def trained_rows(name):
+        if name != ADAPTIVE:
+            settings = [(steps, {}) for steps in steps_list]
+        elif "rtol" in inspect.signature(SAMPLERS[name]).parameters:
+            settings = [(f"rtol = atol = {tol:g}", {"rtol": tol, "atol": tol})
+                        for tol in (QUICK_TOLERANCES[:1] if quick else TOLERANCES[:3])]
+        else:
+            settings = [("its default tolerance", {})]
+        out_rows = []
+        for steps, options in settings:
+            out = pipe.sample(num, sampler=name, steps=steps if isinstance(steps, int) else 1, seed=seed,
+                              progress=False, **options)
+            q = quality(out.x, ref, seed)
+            out_rows.append({"solver": name, "steps": steps, "NFE": out.nfe, q["metric"]: q["value"],
+                             "noise floor": q["noise_floor"], "n": q["n_samples"]})
+        return out_rows
+
+    for name in ("ddim", *SOLVERS, ADAPTIVE):
         if name not in SAMPLERS:
             notes.append(f"{LABELS[name]}: no sampler {name!r} in difflab.pipeline.SAMPLERS; skipped")
-            continue
-        for steps in steps_list:
-            out = pipe.sample(num, sampler=name, steps=steps, seed=seed, progress=False)
-            q = quality(out.x, ref, seed)
-            rows.append({"solver": name, "steps": steps, "NFE": out.nfe, q["metric"]: q["value"],
-                         "noise floor": q["noise_floor"], "n": q["n_samples"]})
-    if ADAPTIVE in SAMPLERS:
-        for tol in (QUICK_TOLERANCES if quick else TOLERANCES[:4]):
-            try:
-                out = pipe.sample(num, sampler=ADAPTIVE, steps=1, seed=seed, progress=False, rtol=tol, atol=tol)
-            except ValueError as err:  # a wrapper without tolerance options: one run at its defaults
-                notes.append(f"{LABELS[ADAPTIVE]} run at its default tolerance ({err})")
-                out = pipe.sample(num, sampler=ADAPTIVE, steps=1, seed=seed, progress=False)
-                tol = "default"
-            q = quality(out.x, ref, seed)
-            rows.append({"solver": ADAPTIVE, "steps": f"rtol = atol = {tol}", "NFE": out.nfe, q["metric"]: q["value"],
-                         "noise floor": q["noise_floor"], "n": q["n_samples"]})
-            if tol == "default":
-                break
-    else:
-        notes.append(f"{LABELS[ADAPTIVE]}: no sampler {ADAPTIVE!r} in difflab.pipeline.SAMPLERS; skipped")
+        else:
+            rows += attempt(notes, LABELS[name], trained_rows, name)
 
     report.text(f"{num} samples per setting from the same seed ({seed}); {ref.metric} against half of "
                 f"{ref.description} ({ref.x.shape[0]} examples), next to the real-vs-real noise floor (SPEC §8). "
