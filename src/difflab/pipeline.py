@@ -147,11 +147,14 @@ def _ode_runner(solver: str) -> Callable[..., Samples]:
     return run
 
 
-def run_deis(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, order: int = 3,
-             **cond) -> Samples:
-    """DEIS log-ρ Adams–Bashforth of ``order`` (SPEC §6) with ``steps`` evaluations on :func:`solver_grid`."""
+def run_deis(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False,
+             order: Optional[int] = None, **cond) -> Samples:
+    """DEIS log-ρ Adams–Bashforth of ``order`` (SPEC §6) with ``steps`` evaluations on :func:`solver_grid`; the
+    default order is the one the optimised grids are fit for (``time_grids.DEIS_ORDER``, else 3)."""
+    from difflab.samplers import time_grids
     from difflab.samplers.ode import sample_deis
 
+    order = getattr(time_grids, "DEIS_ORDER", 3) if order is None else order
     den = continuous_view(denoiser)
     return sample_deis(den, x, solver_grid(den.path, steps, "deis"), order=order, generator=generator,
                        progress=progress, **cond)
