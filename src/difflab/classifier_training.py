@@ -34,7 +34,7 @@ import torch
 from difflab.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json
 from difflab.config import DiffusionConfig, RunConfig, build_path
 from difflab.networks.classifier import NoisyClassifier
-from difflab.networks.embeddings import CONTINUOUS_TIME_SCALE
+from difflab.networks.embeddings import CONTINUOUS_TIME_SCALE, NULL_LABEL, check_labels
 from difflab.paths import GaussianPath
 
 WEIGHTS_FILE = "classifier.safetensors"
@@ -86,12 +86,10 @@ class TrainedClassifier:
         """Labels to guide towards: ``y`` (one class for all, or ``[num]``), or ``0, 1, …, C−1, 0, …`` in turn."""
         if y is None:
             return torch.arange(num) % self.num_classes
-        y = torch.as_tensor(y, dtype=torch.long)
-        y = y.expand(num).clone() if y.ndim == 0 else y
-        if y.shape != (num,):
-            raise ValueError(f"labels must be one class or {num} of them, got shape {tuple(y.shape)}")
-        if ((y < 0) | (y >= self.num_classes)).any():
-            raise ValueError(f"classifier guidance needs a class in 0..{self.num_classes - 1}, got {y.tolist()[:8]}")
+        y = check_labels(y, num, self.num_classes).clone()
+        if (y == NULL_LABEL).any():
+            raise ValueError(f"classifier guidance needs a class in 0..{self.num_classes - 1}, not {NULL_LABEL} "
+                             "(unconditional)")
         return y
 
     def check_matches(self, config: RunConfig, data_shape: Sequence[int], num_classes: int) -> None:
