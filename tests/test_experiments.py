@@ -120,7 +120,8 @@ def test_schedules_quick(tmp_path):
 
 def test_parameterization_quick(tmp_path):
     """SPEC §4. The common units are consistent: at each t, x0-MSE = ε-MSE / SNR exactly (x̂0 = (x − s ε̂)/a),
-    checked to 1e-3 relative (float32 network outputs at log-SNR down to −15); each target's own error falls during training (ε for ε, x0 for x0)."""
+    checked to 1e-3 relative (float32 network outputs at log-SNR down to −15); each target's own error falls
+    during training (ε for ε, x0 for x0)."""
     parameterization.run(tmp_path, quick=True)
     results = written(tmp_path, ["eps_mse_vs_step.png", "x0_mse_vs_step.png", "eps_mse_vs_log_snr.png", "samples.png"])
     for row in results["per_t"]:

@@ -76,7 +76,8 @@ def trained_or_built_in(run_dir, out_dir: Path, quick: bool, seed: int, report) 
 
     if run_dir is not None:
         pipe = load_run(run_dir, device="cpu")
-        report.text(f"Model: the trained run `{run_dir}` (step {pipe.step}, EMA weights): {describe_config(pipe.config)}.")
+        report.text(f"Model: the trained run `{run_dir}` (step {pipe.step}, EMA weights): "
+                    f"{describe_config(pipe.config)}.")
         return pipe
     cfg = small_config(quick, seed)
     start = time.perf_counter()
@@ -152,6 +153,17 @@ def exact_kl(bed, sample_fn: Callable[[torch.Tensor], torch.Tensor], prior_std: 
 
 
 # --- figures ---------------------------------------------------------------------------------------------
+def series_by(rows: Sequence[dict], group: str, x: str, y: str, labels: Optional[dict] = None) -> dict:
+    """``{label: (xs, ys)}`` for :func:`line_plot`: the rows grouped by ``rows[i][group]`` in order of appearance
+    (``labels`` renames groups)."""
+    series: dict = {}
+    for r in rows:
+        xs, ys = series.setdefault((labels or {}).get(r[group], r[group]), ([], []))
+        xs.append(r[x])
+        ys.append(r[y])
+    return series
+
+
 def line_plot(out: Path, series: dict, xlabel: str, ylabel: str, title: str, logx: bool = False,
               logy: bool = False, hlines: Optional[dict] = None, markers: bool = True) -> Path:
     """One axes: ``series`` maps a label to ``(x, y)``; ``hlines`` maps a label to a horizontal reference value."""

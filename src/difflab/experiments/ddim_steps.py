@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from difflab.experiments.common import exact_kl, line_plot, quality, reference_for, sample_panels, timed, \
-    trained_or_built_in
+from difflab.experiments.common import exact_kl, line_plot, quality, reference_for, sample_panels, series_by, \
+    timed, trained_or_built_in
 from difflab.experiments.report import Report
 
 DDIM_STEPS = (1000, 100, 50, 20, 10)
@@ -51,17 +51,12 @@ def trained_model_part(report: Report, pipe, num: int, seed: int) -> list:
                 f"the reference; the noise floor is the other half against that half (SPEC §8). "
                 f"Wall time: the whole sampling call, CPU, one thread.")
     report.table(rows, key="trained_model")
-    ddim = [r for r in rows if r["sampler"] == "DDIM"]
-    ddpm = [r for r in rows if r["sampler"] == "DDPM"]
-    line_plot(report.path("quality_vs_nfe.png"),
-              {"DDIM (η = 0)": ([r["NFE"] for r in ddim], [r[metric] for r in ddim]),
-               "DDPM (ancestral)": ([r["NFE"] for r in ddpm], [r[metric] for r in ddpm])},
+    names = {"DDIM": "DDIM (η = 0)", "DDPM": "DDPM (ancestral)"}
+    line_plot(report.path("quality_vs_nfe.png"), series_by(rows, "sampler", "NFE", metric, names),
               "network evaluations per sample (NFE)", f"{metric} [{ref.unit}]",
               "Sample quality vs NFE (lower is better)", logx=True,
               hlines={"real vs real noise floor": rows[0]["noise floor"]})
-    line_plot(report.path("time_vs_nfe.png"),
-              {"DDIM": ([r["NFE"] for r in ddim], [r["wall [s]"] for r in ddim]),
-               "DDPM": ([r["NFE"] for r in ddpm], [r["wall [s]"] for r in ddpm])},
+    line_plot(report.path("time_vs_nfe.png"), series_by(rows, "sampler", "NFE", "wall [s]", names),
               "network evaluations per sample (NFE)", f"wall time for {num} samples [s]",
               "Sampling time vs NFE", logx=True, logy=True)
     report.image("quality_vs_nfe.png", f"{metric} vs NFE; dashed: the real-vs-real noise floor")
@@ -94,7 +89,8 @@ def exact_bed_part(report: Report, quick: bool, seed: int) -> list:
     out, wall = timed(sample_ddpm, den, x_T, steps=ddpm_steps, generator=g)
     floor = float(bed.kl_from_gaussian(*fit_gaussian(bed.sample(n_mc, g, dtype=torch.float64))))
     rows.insert(0, {"sampler": "DDPM", "steps": ddpm_steps, "NFE": out.nfe,
-                    "KL [nats]": float(bed.kl_from_gaussian(*fit_gaussian(out.x))), "method": f"Monte Carlo, n = {n_mc}",
+                    "KL [nats]": float(bed.kl_from_gaussian(*fit_gaussian(out.x))),
+                    "method": f"Monte Carlo, n = {n_mc}",
                     "MC floor [nats]": floor, "wall [s]": wall})
     report.heading("Exact 16-D Gaussian bed")
     report.text(f"The exact denoiser of a 16-D Gaussian (eigenvalues log-spread over a factor 100) on the linear "

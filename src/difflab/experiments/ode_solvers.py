@@ -5,8 +5,9 @@ probability-flow ODE — quality vs NFE on a trained model, and exact KL vs NFE 
 1. **Exact 16-D Gaussian bed** (condition number 100, DDPM linear schedule, T = 1000, in continuous time
    through :class:`~difflab.paths.DiscreteTimeContinuation`): the model is exact and every solver is affine
    in ``x_T``, so its output Gaussian — and its KL to the data — is exact (no sampling noise). Each solver
-   runs on the grid ``difflab sample`` gives it for the budget (:func:`solver_grid`); RK45 on its tolerances. DDIM (η = 0) on the discrete chain is the baseline; the tightest RK45 solve shows the
-   floor that the ``N(0, I)`` prior leaves for any solver.
+   runs on the grid ``difflab sample`` gives it for the budget (:func:`solver_grid`); RK45 on its tolerances.
+   DDIM (η = 0) on the discrete chain is the baseline; the tightest RK45 solve shows the floor that the
+   ``N(0, I)`` prior leaves for any solver.
 2. **A trained model** (``run_dir``, or the built-in two-moons run): each solver by its name in
    :data:`difflab.pipeline.SAMPLERS`, quality (sliced W2 / FD-<dataset>) vs the NFE it actually made. A
    solver missing from ``SAMPLERS`` is skipped with a note.
@@ -18,7 +19,7 @@ import inspect
 from pathlib import Path
 from typing import Optional
 
-from difflab.experiments.common import exact_kl, line_plot, quality, reference_for, trained_or_built_in
+from difflab.experiments.common import exact_kl, line_plot, quality, reference_for, series_by, trained_or_built_in
 from difflab.experiments.report import Report
 
 SOLVERS = ("euler", "heun", "rk4", "dpmpp2m", "deis")
@@ -74,7 +75,8 @@ def bed_part(report: Report, quick: bool) -> list:
             grid = solver_grid(path, 1, ADAPTIVE)
             return [row(name, f"rtol = atol = {tol:g}", lambda x: solvers[name](den, x, grid, rtol=tol, atol=tol))
                     for tol in (QUICK_TOLERANCES if quick else TOLERANCES)]
-        return [row(name, budget, lambda x: solvers[name](den, x, solver_grid(path, budget, name))) for budget in budgets]
+        return [row(name, budget, lambda x: solvers[name](den, x, solver_grid(path, budget, name)))
+                for budget in budgets]
 
     rows += [row("ddim", budget, lambda x: sample_ddim(bed.denoiser(discrete), x, steps=budget)) for budget in budgets]
     for name in (*SOLVERS, ADAPTIVE):
@@ -91,11 +93,7 @@ def bed_part(report: Report, quick: bool) -> list:
     for note in notes:
         report.text(f"_Note: {note}._")
     report.table(rows, key="exact_bed")
-    series = {}
-    for r in rows:
-        xs, ys = series.setdefault(LABELS[r["solver"]], ([], []))
-        xs.append(r["NFE"])
-        ys.append(r["KL [nats]"])
+    series = series_by(rows, "solver", "NFE", "KL [nats]", LABELS)
     floor = min((r["KL [nats]"] for r in rows if r["solver"] == ADAPTIVE), default=None)
     line_plot(report.path("bed_kl_vs_nfe.png"), series, "network evaluations per sample (NFE)",
               "KL(solver output ‖ data) [nats]", "Exact 16-D Gaussian bed (linear schedule, T = 1000)",
@@ -127,8 +125,8 @@ def grid_description() -> str:
     if hasattr(pipeline, "solver_grid"):
         return ("Every solver runs on the grid `difflab sample --sampler NAME` gives it for that budget "
                 "(`difflab.pipeline.solver_grid`)")
-    return ("Every fixed-step solver runs on a grid evenly spaced in log-SNR from σ̄(t_max) to σ̄(t_min) plus one x̂0 "
-            "step to the clean end, with as many steps as the budget allows at its evaluations per step")
+    return ("Every fixed-step solver runs on a grid evenly spaced in log-SNR from σ̄(t_max) to σ̄(t_min) plus one "
+            "x̂0 step to the clean end, with as many steps as the budget allows at its evaluations per step")
 
 
 def trained_part(report: Report, pipe, quick: bool, num: int, seed: int) -> list:
@@ -167,11 +165,7 @@ def trained_part(report: Report, pipe, quick: bool, num: int, seed: int) -> list
     for note in notes:
         report.text(f"_Note: {note}._")
     report.table(rows, key="trained_model")
-    series = {}
-    for r in rows:
-        xs, ys = series.setdefault(LABELS[r["solver"]], ([], []))
-        xs.append(r["NFE"])
-        ys.append(r[ref.metric])
+    series = series_by(rows, "solver", "NFE", ref.metric, LABELS)
     line_plot(report.path("quality_vs_nfe.png"), series, "network evaluations per sample (NFE)",
               f"{ref.metric} [{ref.unit}]", "Trained model: sample quality vs NFE (lower is better)", logx=True,
               hlines={"real vs real noise floor": rows[0]["noise floor"]})

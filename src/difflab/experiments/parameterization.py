@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from difflab.experiments.common import describe_config, line_plot, quality, reference_for, sample_panels, \
-    small_config, timed, train_quietly
+    series_by, small_config, timed, train_quietly
 from difflab.experiments.report import Report
 
 TARGETS = ("eps", "x0", "v")
@@ -97,17 +97,14 @@ def run(out_dir, quick: bool = False, seed: int = 0, num_samples: Optional[int] 
     x0, t, eps, times = held
     report.text(f"Each model: {describe_config(cfgs[0])}, with only the target changed (plain MSE in the target's "
                 f"own space). Held-out set: {x0.shape[0]} points of {ref.description}, {x0.shape[0] // NUM_TIMES} at "
-                f"each of {NUM_TIMES} evenly spaced t in 1..{pipe.path.T}, with fixed ε; curves use the raw weights at "
-                f"{NUM_CHECKPOINTS} checkpoints, the final table the EMA weights that are sampled.")
+                f"each of {NUM_TIMES} evenly spaced t in 1..{pipe.path.T}, with fixed ε; curves use the raw weights "
+                f"every {every} steps, the final table the EMA weights that are sampled.")
     report.heading("Held-out loss during training, in common units")
-    series_eps = {LABELS[k]: ([c["step"] for c in curves if c["target"] == k], [c["ε-MSE"] for c in curves if c["target"] == k])
-                  for k in TARGETS}
-    series_x0 = {LABELS[k]: ([c["step"] for c in curves if c["target"] == k], [c["x0-MSE"] for c in curves if c["target"] == k])
-                 for k in TARGETS}
-    line_plot(report.path("eps_mse_vs_step.png"), series_eps, "training step",
+    line_plot(report.path("eps_mse_vs_step.png"), series_by(curves, "target", "step", "ε-MSE", LABELS),
+              "training step",
               "held-out ε-MSE = L_simple [per coordinate, ε units²]",
               "Held-out ε-MSE (the DDPM loss) during training", logy=True)
-    line_plot(report.path("x0_mse_vs_step.png"), series_x0, "training step",
+    line_plot(report.path("x0_mse_vs_step.png"), series_by(curves, "target", "step", "x0-MSE", LABELS), "training step",
               "held-out x0-MSE [per coordinate, data units²]", "Held-out x0-MSE during training", logy=True)
     report.image("eps_mse_vs_step.png", "held-out ε-MSE (L_simple units) vs training step")
     report.image("x0_mse_vs_step.png", "held-out x0-MSE (data units²) vs training step")

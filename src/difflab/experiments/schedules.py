@@ -38,7 +38,8 @@ def bed_part(report: Report, T: int) -> list:
         den = bed.denoiser(path)
         row = {"schedule": name}
         for steps in BED_STEPS:
-            row[f"KL, DDIM {steps} [nats]"] = exact_kl(bed, lambda x: sample_ddim(den, x, steps=steps).x, path.prior_std())
+            row[f"KL, DDIM {steps} [nats]"] = exact_kl(bed, lambda x: sample_ddim(den, x, steps=steps).x,
+                                                        path.prior_std())
         rows.append(row)
     report.heading("Exact 16-D Gaussian bed: the schedule's effect on a perfect model")
     report.text(f"Exact KL(DDIM output ‖ data) in nats on the 16-D Gaussian bed (condition number 100) with T = {T}, "
