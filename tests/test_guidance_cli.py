@@ -1,6 +1,7 @@
 """Guidance from the command line (SPEC §7): ``difflab train-classifier``, and ``difflab sample`` with
 ``--guidance-scale`` / ``--classifier`` under every sampler of ``pipeline.SAMPLERS``, with honest NFE."""
 
+import inspect
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from difflab.classifier_training import RECORD_FILE, WEIGHTS_FILE, load_classifi
 from difflab.cli import main
 from difflab.config import load_config
 from difflab.networks.mlp import MLPDenoiser
-from difflab.pipeline import SAMPLERS
+from difflab.pipeline import SAMPLERS, load_run
 from difflab.training import train
 from tests.test_cli import TINY, assert_one_line_error, run_cli
 
@@ -82,30 +83,50 @@ def test_train_classifier_writes_a_checked_checkpoint_and_refuses_to_overwrite(c
     assert_one_line_error(code, err, "classifier.held_out must lie in [0, 1)")
 
 
+def sampler_options(sampler):
+    """Loose tolerances for adaptive solvers (their cost is set by the tolerance, not by ``steps``)."""
+    accepted = inspect.signature(SAMPLERS[sampler]).parameters
+    return {name: 1e-2 for name in ("rtol", "atol") if name in accepted}
+
+
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
-def test_guided_sampling_with_every_sampler_counts_every_network_row(capsys, monkeypatch, runs, tmp_path, sampler):
+def test_guided_sampling_with_every_sampler_counts_every_network_row(monkeypatch, runs, sampler):
     """CFG evaluates conditional and unconditional halves in one 2B batch: the reported NFE per sample must be
     exactly the network rows evaluated per sample (2 per step inside the guidance interval, 1 outside);
     classifier guidance adds classifier passes, which are not denoiser evaluations."""
     counter = RowCounter(monkeypatch)
-    cond, opts = runs / "cond", ["--sampler", sampler]
-    x, y, nfe, rows = sample_npz(capsys, counter, cond, tmp_path / "plain.npz", *opts, "--class", 1)
-    assert nfe == rows and (y == 1).all()
-    plain_nfe = nfe
-    x, y, nfe, rows = sample_npz(capsys, counter, cond, tmp_path / "cfg.npz", *opts, "--class", 1,
-                                 "--guidance-scale", 3)
-    assert nfe == rows and np.isfinite(x).all() and (y == 1).all()
+    cond, uncond = load_run(runs / "cond", device="cpu"), load_run(runs / "uncond", device="cpu")
+    classifier = load_classifier(runs / "cls", device="cpu")
+    opts = dict(sampler=sampler, steps=4, num=6, progress=False, **sampler_options(sampler))
+
+    def sample(pipe, **kwargs):
+        counter.rows = 0
+        out = pipe.sample(**opts, **kwargs)
+        assert out.x.shape == (6, 2) and torch.isfinite(out.x).all()
+        assert out.nfe == counter.rows / 6, (out.nfe, counter.rows / 6)
+        return out.nfe
+
+    plain = sample(cond, y=1)
+    guided = sample(cond, y=1, guidance_scale=3.0)
     if sampler in ("ddpm", "ddim"):  # fixed grids: every step is guided
-        assert nfe == 2 * plain_nfe
-    x, y, nfe, rows = sample_npz(capsys, counter, cond, tmp_path / "window.npz", *opts, "--guidance-scale", 3,
+        assert guided == 2 * plain
+    sample(cond, guidance_scale=3.0, guidance_interval=(0.0, 50.0), guidance_rescale=0.7)
+    sample(cond, y=0, guidance_scale=2.0, classifier=classifier, classifier_scale=2.0)
+    sample(uncond, classifier=classifier, classifier_scale=2.0)  # labels from the classifier
+
+
+def test_sample_command_passes_the_guidance_options(capsys, monkeypatch, runs, tmp_path):
+    """``difflab sample`` wires --guidance-* and --classifier through to Pipeline.sample (NFE in the .npz)."""
+    counter = RowCounter(monkeypatch)
+    x, y, nfe, rows = sample_npz(capsys, counter, runs / "cond", tmp_path / "cfg.npz", "--class", 1,
+                                 "--guidance-scale", 3)
+    assert nfe == rows == 8 and (y == 1).all()  # DDIM-4, two rows per step
+    x, y, nfe, rows = sample_npz(capsys, counter, runs / "cond", tmp_path / "window.npz", "--guidance-scale", 3,
                                  "--guidance-interval", 0, 50, "--guidance-rescale", 0.7)
-    assert nfe == rows and np.isfinite(x).all() and y.tolist() == [0, 1] * 3
-    x, y, nfe, rows = sample_npz(capsys, counter, cond, tmp_path / "cls.npz", *opts, "--class", 0,
-                                 "--classifier", runs / "cls", "--classifier-scale", 2, "--guidance-scale", 2)
-    assert nfe == rows and np.isfinite(x).all() and (y == 0).all()
-    x, y, nfe, rows = sample_npz(capsys, counter, runs / "uncond", tmp_path / "uncond.npz", *opts,
+    assert nfe == rows and 4 < nfe < 8 and y.tolist() == [0, 1] * 3  # guided only for t <= 50
+    x, y, nfe, rows = sample_npz(capsys, counter, runs / "uncond", tmp_path / "cls.npz",
                                  "--classifier", runs / "cls", "--classifier-scale", 2)
-    assert nfe == rows and np.isfinite(x).all() and y.tolist() == [0, 1] * 3  # labels from the classifier
+    assert nfe == rows == 4 and y.tolist() == [0, 1] * 3 and np.isfinite(x).all()
 
 
 def test_guidance_errors_are_one_line(capsys, runs, tmp_path):
