@@ -105,7 +105,7 @@ def sweep(pipe, judge, reference: torch.Tensor, scales: Sequence[float], per_cla
         feats = judge.embed(out.x)
         extra[scale] = {
             "nfe": out.nfe,
-            "diversity_feat": sum(mean_pairwise_distance(feats[y == c]) for c in range(pipe.num_classes)) / pipe.num_classes,
+            "diversity_feat": within_class_diversity(feats, y),
             "FD": frechet_distance(feats[shuffle][:n_fd], feat_b),
         }
         return out.x
@@ -115,6 +115,17 @@ def sweep(pipe, judge, reference: torch.Tensor, scales: Sequence[float], per_cla
              "confidence": r["confidence"], "diversity_px": r["diversity"],
              "diversity_feat": extra[r["scale"]]["diversity_feat"], "FD": extra[r["scale"]]["FD"], "FD_floor": floor,
              "n_samples": num, "n_fd": n_fd, "n_reference": feat_b.shape[0]} for r in rows]
+
+
+def within_class_diversity(v: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over the classes present in ``y`` of the mean pairwise distance between the rows of ``v`` of that class."""
+    classes = torch.unique(y).tolist()
+    return sum(mean_pairwise_distance(v[y == c]) for c in classes) / len(classes)
+
+
+def data_diversity(x: torch.Tensor, y: torch.Tensor, judge) -> dict:
+    """Within-class diversity of real data, in pixels and in the judge's features."""
+    return {"diversity_px": within_class_diversity(x, y), "diversity_feat": within_class_diversity(judge.embed(x), y)}
 
 
 def run(out_dir, run_dir=None, quick: bool = False, seed: int = 0, scales: Optional[Sequence[float]] = None,
@@ -172,6 +183,11 @@ def run(out_dir, run_dir=None, quick: bool = False, seed: int = 0, scales: Optio
                 f"`n_fd` shuffled samples to `n_reference` real images, `FD_floor` the same between two real halves.")
     report.heading("Sweep")
     report.table(rows, key="sweep")
+    real = data_diversity(ds.x, ds.y, judge)
+    report.results["data"] = real
+    report.text(f"The real data, for reference: within-class diversity {real['diversity_px']:.4g} (pixels), "
+                f"{real['diversity_feat']:.4g} (judge features). At λ = 0 the requested label does not steer the "
+                f"sample, so the 'within-class' diversity there is the diversity of the whole sample set.")
     plot_sweep([{"scale": r["scale"], "accuracy": r["accuracy"], "confidence": r["confidence"],
                  "diversity": r["diversity_feat"], "quality": r["FD"]} for r in rows], report.path("sweep.png"))
     report.image("sweep.png", "class agreement, diversity (judge features) and FD (judge features) against λ")
