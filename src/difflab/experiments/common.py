@@ -87,6 +87,25 @@ def trained_or_built_in(run_dir, out_dir: Path, quick: bool, seed: int, report) 
     return pipe
 
 
+def provenance(report, started: float) -> None:
+    """A closing section: the command (when run from the CLI), the wall time, the machine and the versions."""
+    import os
+    import platform
+    import sys
+
+    import numpy
+
+    lines = []
+    if Path(sys.argv[0]).name == "difflab":
+        lines.append(f"- command: `difflab {' '.join(sys.argv[1:])}`")
+    lines += [f"- wall time: {time.perf_counter() - started:.0f} s",
+              f"- machine: {platform.machine()}, {os.cpu_count()} CPUs visible, torch threads "
+              f"{torch.get_num_threads()}, {platform.system()} {platform.release()}",
+              f"- versions: Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}"]
+    report.heading("How this was run")
+    report.text("\n".join(lines))
+
+
 # --- quality ----------------------------------------------------------------------------------------------
 @dataclass
 class Reference:

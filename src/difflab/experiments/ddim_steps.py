@@ -14,13 +14,14 @@ Two parts:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from difflab.experiments.common import exact_kl, line_plot, quality, reference_for, sample_panels, series_by, \
-    timed, trained_or_built_in
+from difflab.experiments.common import exact_kl, line_plot, provenance, quality, reference_for, \
+    sample_panels, series_by, timed, trained_or_built_in
 from difflab.experiments.report import Report
 
 DDIM_STEPS = (1000, 100, 50, 20, 10)
@@ -116,10 +117,12 @@ def run(out_dir, run_dir: Optional[str] = None, quick: bool = False, seed: int =
 
     ``num_samples`` per sampler defaults to 2000 (300 with ``quick``), capped at half the reference set.
     """
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     report = Report(out_dir, "DDPM vs DDIM: quality, NFE and time by number of steps")
     report.heading("Trained model")
     pipe = trained_or_built_in(run_dir, out_dir, quick, seed, report)
     trained_model_part(report, pipe, num_samples or (300 if quick else 2000), seed)
     exact_bed_part(report, quick, seed)
+    provenance(report, started)
     return report.write()

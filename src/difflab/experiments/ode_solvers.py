@@ -15,11 +15,13 @@ probability-flow ODE — quality vs NFE on a trained model, and exact KL vs NFE 
 
 from __future__ import annotations
 
+import time
 import inspect
 from pathlib import Path
 from typing import Optional
 
-from difflab.experiments.common import exact_kl, line_plot, quality, reference_for, series_by, trained_or_built_in
+from difflab.experiments.common import exact_kl, line_plot, provenance, quality, reference_for, series_by, \
+    trained_or_built_in
 from difflab.experiments.report import Report
 
 SOLVERS = ("euler", "heun", "rk4", "dpmpp2m", "deis")
@@ -179,10 +181,12 @@ def run(out_dir, run_dir: Optional[str] = None, quick: bool = False, seed: int =
 
     ``num_samples`` per setting defaults to 2000 (300 with ``quick``), capped at half the reference set.
     """
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     report = Report(out_dir, "Probability-flow ODE solvers: accuracy vs network evaluations")
     bed_part(report, quick)
     report.heading("Trained model")
     pipe = trained_or_built_in(run_dir, out_dir, quick, seed, report)
     trained_part(report, pipe, quick, num_samples or (300 if quick else 2000), seed)
+    provenance(report, started)
     return report.write()

@@ -17,13 +17,14 @@ shown, with the per-t curve of the final models that explains the difference.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from difflab.experiments.common import describe_config, line_plot, quality, reference_for, sample_panels, \
-    series_by, small_config, timed, train_quietly
+from difflab.experiments.common import describe_config, line_plot, provenance, quality, reference_for, \
+    sample_panels, series_by, small_config, timed, train_quietly
 from difflab.experiments.report import Report
 
 TARGETS = ("eps", "x0", "v")
@@ -62,6 +63,7 @@ def run(out_dir, quick: bool = False, seed: int = 0, num_samples: Optional[int] 
     from difflab.pipeline import load_run
     from difflab.plotting import read_metrics
 
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     report = Report(out_dir, "ε vs x0 vs v: training at equal budget")
     num = num_samples or (300 if quick else 2000)
@@ -128,4 +130,5 @@ def run(out_dir, quick: bool = False, seed: int = 0, num_samples: Optional[int] 
     report.table(finals, key="final")
     sample_panels(report.path("samples.png"), panels, reference=ref.x)
     report.image("samples.png", "samples of the final model of each target (grey: held-out data)")
+    provenance(report, started)
     return report.write()

@@ -13,12 +13,13 @@ Three parts:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
-from difflab.experiments.common import describe_config, exact_kl, line_plot, quality, reference_for, \
-    sample_panels, small_config, timed, train_quietly
+from difflab.experiments.common import describe_config, exact_kl, line_plot, provenance, quality, \
+    reference_for, sample_panels, small_config, timed, train_quietly
 from difflab.experiments.forward_process import SCHEDULES, plot_log_snr
 from difflab.experiments.report import Report
 from difflab.paths import DiscretePath
@@ -61,6 +62,7 @@ def run(out_dir, quick: bool = False, seed: int = 0, num_samples: int | None = N
     Trains one small model per schedule into ``out_dir/runs/<schedule>`` (about 1.5 minutes each on one
     core; seconds with ``quick``); ``num_samples`` (default 2000, 300 with ``quick``) are scored per model.
     """
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     report = Report(out_dir, "Noise schedules: log-SNR and sample quality at equal budget")
     T = 1000
@@ -95,5 +97,6 @@ def run(out_dir, quick: bool = False, seed: int = 0, num_samples: int | None = N
     sample_panels(report.path("samples.png"), panels, reference=ref.x)
     report.image("samples.png", f"DDIM {steps}-step samples of each schedule's model (grey: held-out data)")
     bed_part(report, T)
+    provenance(report, started)
     return report.write()
 
