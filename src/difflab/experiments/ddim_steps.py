@@ -50,7 +50,8 @@ def trained_model_part(report: Report, pipe, num: int, seed: int) -> list:
     report.text(f"{num} samples per sampler from the same seed ({seed}); reference: {ref.description} "
                 f"({ref.x.shape[0]} examples). {metric} is computed on {rows[0]['n']} samples against one half of "
                 f"the reference; the noise floor is the other half against that half (SPEC §8). "
-                f"Wall time: the whole sampling call, CPU, one thread.")
+                f"Wall time: the whole sampling call on this machine (see the end of the report); on a shared machine "
+                f"other jobs inflate it, so compare it with NFE and between rows of one run only.")
     report.table(rows, key="trained_model")
     names = {"DDIM": "DDIM (η = 0)", "DDPM": "DDPM (ancestral)"}
     line_plot(report.path("quality_vs_nfe.png"), series_by(rows, "sampler", "NFE", metric, names),
