@@ -309,3 +309,17 @@ def test_sweep_guidance_scale_on_the_bed(mix2d, path, tmp_path):
     assert all("quality" in r for r in rows)
     plot_sweep(rows, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_guidance_interval_follows_discrete_time_into_the_continuous_samplers():
+    """A guidance interval given in DDPM steps (0..T) keeps its meaning when a continuous sampler views the model
+    on the exact continuation t = k/T (SPEC §6–§7): the interval is rescaled by 1/T, exactly."""
+    from difflab.pipeline import continuous_view
+
+    bed = mixture_bed_2d()
+    path = DiscretePath.from_schedule("linear", T=1000)
+    guided = exact_cfg(bed, path, 3.0, interval=(200, 600))
+    view = continuous_view(guided)
+    assert view.interval == (0.2, 0.6)
+    t = torch.tensor([0.1, 0.3, 0.7], dtype=torch.float64)
+    assert view.in_interval(t).tolist() == [False, True, False]

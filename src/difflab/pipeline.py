@@ -103,6 +103,8 @@ def continuous_view(denoiser):
     view = copy.copy(denoiser)
     view.denoiser = continuous_view(inner)
     view.path = view.denoiser.path
+    if getattr(view, "interval", None) is not None:  # DDPM steps k -> continuous t = k/T
+        view.interval = tuple(float(v) / cont.T for v in view.interval)
     return view
 
 
