@@ -113,6 +113,32 @@ def per_step_overhead(nfe: int, repeats: int) -> list[dict]:
 
 
 @torch.no_grad()
+def breakdown(repeats: int) -> dict:
+    """Where one difflab ODE evaluation's overhead goes (zero network, batch ``BATCH × DIM``, float64 state):
+    the denoiser wrapper at a per-sample time ``[B]`` (path coefficients on ``B`` copies of one time), the
+    probability-flow coefficients ``ȧ, ṡ`` at one scalar time, and the state arithmetic of an Euler step."""
+    from difflab.paths import DiscreteTimeContinuation
+
+    path = DiscreteTimeContinuation(beds.ddpm_path())
+    den = NetworkDenoiser(zero_net, path, "eps")
+    x = torch.randn(BATCH, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t_batch = torch.full((BATCH,), 0.5, dtype=torch.float64)
+    t_scalar = torch.tensor(0.5, dtype=torch.float64)
+    pred = den(x, t_batch)
+
+    def measure(fn):
+        return timeit(fn, repeats=repeats, min_time=0.02)["min_s"]
+
+    return {
+        "denoiser_call_per_sample_time_s": measure(lambda: den(x, t_batch)),
+        "path_log_snr_per_sample_time_s": measure(lambda: path.log_snr(t_batch)),
+        "path_log_snr_scalar_time_s": measure(lambda: path.log_snr(t_scalar)),
+        "flow_coefficients_scalar_time_s": measure(lambda: (path.a_dot(t_scalar), path.s_dot(t_scalar))),
+        "euler_state_arithmetic_s": measure(lambda: x + (-0.01) * (0.3 * pred.x0 + 0.7 * pred.eps)),
+    }
+
+
+@torch.no_grad()
 def total_vs_network(nfes, repeats: int) -> dict:
     """DDIM with difflab's MLP (the 2-D config's size, batch 1024): total sampling time vs NFE × forward."""
     from difflab.networks import build_network, count_parameters
@@ -139,7 +165,8 @@ def run(quick: bool = False, log=print) -> dict:
     for r in rows:
         log(f"  {r['sampler']}: difflab {r['difflab_s_per_eval'] * 1e6:.0f} µs/eval, diffusers "
             f"{r['diffusers_s_per_eval'] * 1e6:.0f} µs/eval, ratio {r['ratio_difflab_over_diffusers']:.2f}")
-    out = {"batch": BATCH, "dim": DIM, "nfe": nfe, "threads": torch.get_num_threads(), "per_eval": rows}
+    out = {"batch": BATCH, "dim": DIM, "nfe": nfe, "threads": torch.get_num_threads(), "per_eval": rows,
+           "breakdown": breakdown(repeats)}
     try:
         out["total_vs_network"] = total_vs_network((10, 50) if quick else (10, 50, 100), repeats)
     except ImportError as err:  # difflab.networks not in this checkout
