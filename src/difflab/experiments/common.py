@@ -68,7 +68,8 @@ def train_quietly(cfg: RunConfig, run_dir: Path):
 
 
 def trained_or_built_in(run_dir, out_dir: Path, quick: bool, seed: int, report) -> "object":
-    """``load_run(run_dir)``, or (without a run) train the built-in small run into ``out_dir/run`` first.
+    """``load_run(run_dir)``, or (without a run) train the built-in small run into ``out_dir/runs/built-in`` first
+    (``runs/`` folders are ignored by git, so a committed report folder holds no checkpoints).
 
     Says in ``report`` which model the experiment uses.
     """
@@ -81,7 +82,7 @@ def trained_or_built_in(run_dir, out_dir: Path, quick: bool, seed: int, report) 
         return pipe
     cfg = small_config(quick, seed)
     start = time.perf_counter()
-    pipe = train_quietly(cfg, out_dir / "run")
+    pipe = train_quietly(cfg, out_dir / "runs" / "built-in")
     report.text(f"Model: no run was given, so the built-in small run was trained first "
                 f"({time.perf_counter() - start:.0f} s): {describe_config(cfg)}.")
     return pipe
