@@ -112,7 +112,22 @@ def test_guided_sampling_with_every_sampler_counts_every_network_row(monkeypatch
         assert guided == 2 * plain
     sample(cond, guidance_scale=3.0, guidance_interval=(0.0, 50.0), guidance_rescale=0.7)
     sample(cond, y=0, guidance_scale=2.0, classifier=classifier, classifier_scale=2.0)
-    sample(uncond, classifier=classifier, classifier_scale=2.0)  # labels from the classifier
+    seen = TimeRecorder(classifier)
+    sample(uncond, y=seen.labels(6), classifier=seen, classifier_scale=2.0)
+    # the classifier was trained on DDPM steps 1..T (T = 100): a continuous-time sampler must still feed it steps
+    assert 0.0 <= min(seen.times) and 50.0 < max(seen.times) <= 100.0, (min(seen.times), max(seen.times))
+
+
+class TimeRecorder:
+    """A classifier that records the times it is asked about (and otherwise is ``classifier``)."""
+
+    def __init__(self, classifier):
+        self.classifier, self.times = classifier, []
+        self.labels = classifier.labels
+
+    def __call__(self, x, t):
+        self.times += torch.as_tensor(t, dtype=torch.float64).reshape(-1).tolist()
+        return self.classifier(x, t)
 
 
 def test_sample_command_passes_the_guidance_options(capsys, monkeypatch, runs, tmp_path):

@@ -105,7 +105,20 @@ def continuous_view(denoiser):
     view.path = view.denoiser.path
     if getattr(view, "interval", None) is not None:  # DDPM steps k -> continuous t = k/T
         view.interval = tuple(float(v) / cont.T for v in view.interval)
+    if getattr(view, "classifier", None) is not None:  # a classifier of DDPM steps reads u = tT, as the network does
+        view.classifier = _InDiscreteTime(view.classifier, cont)
     return view
+
+
+class _InDiscreteTime:
+    """``classifier(x, t)`` for continuous ``t`` of a :class:`~difflab.paths.DiscreteTimeContinuation`, fed to a
+    classifier trained on that path's DDPM steps as the fractional step ``u = tT``."""
+
+    def __init__(self, classifier, cont):
+        self.classifier, self.cont = classifier, cont
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        return self.classifier(x, self.cont.network_time(t))
 
 
 def solver_grid(path, nfe: int, solver: str) -> torch.Tensor:
