@@ -26,7 +26,7 @@ QUICK_MIXTURE_NFE = (10,)
 
 def run(quick: bool = False, log=print) -> dict:
     gen = torch.Generator().manual_seed(0)
-    n_mc = 2000 if quick else 10000
+    n_mc = 2000 if quick else 4000
     n_mix = 500 if quick else 4000
     nfes = QUICK_NFE if quick else NFE
     path = beds.ddpm_path()
