@@ -28,7 +28,7 @@ SMALL_RUN = {"data": {"name": "two_moons", "n": 10_000},
              "diffusion": {"path": "discrete", "schedule": "cosine", "T": 1000, "target": "v"},
              "train": {"steps": 2000, "batch_size": 256, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995,
                        "log_every": 50, "sample_every": 0, "checkpoint_every": 0, "num_threads": 1}}
-QUICK_RUN = {"data": {"n": 2000}, "model": {"hidden": 32, "depth": 2, "time_dim": 16},
+QUICK_RUN = {"data": {"n": 1000}, "model": {"hidden": 32, "depth": 2, "time_dim": 16},
              "diffusion": {"T": 100}, "train": {"steps": 60, "batch_size": 128, "lr": 3e-3, "warmup_steps": 0,
                                                  "ema_decay": 0.9, "log_every": 10}}
 
