@@ -197,7 +197,7 @@ def run(quick: bool = False, log=print) -> dict:
     from difflab.networks import build_network, count_parameters
 
     threads = torch.get_num_threads()
-    steps, warmup, repeats = (2, 1, 1) if quick else (4, 2, 4)
+    steps, warmup, repeats = (2, 1, 1) if quick else (4, 2, 3)
     out = {"threads": threads, "steps_timed": steps, "repeats": repeats, "cuda": torch.cuda.is_available()}
     common = {"threads": threads, "steps": steps, "warmup": warmup}
     mlp = mlp_spec()
