@@ -24,11 +24,16 @@ test: install
 demo: install
 	$(BIN)/difflab demo --out demo_out
 
-bench: install
-	$(BIN)/python -m benchmarks.run --out benchmarks/results
+# diffusers (the side-by-side baseline) is an optional extra, installed with torch already present.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
 
-bench-quick: install
-	$(BIN)/python -m benchmarks.run --quick --out benchmarks/results
+bench: $(VENV)/.bench-installed
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.run --out benchmarks/results
+
+bench-quick: $(VENV)/.bench-installed
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.run --quick --out benchmarks/results/quick
 
 clean:
 	rm -rf $(VENV) demo_out
