@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from difflab.paths import GaussianPath
+from difflab.paths import GaussianPath, shared_time
 from difflab.utils import bcast
 
 TARGETS = ("eps", "x0", "v", "score", "velocity")
@@ -44,7 +44,13 @@ class Prediction:
 
 
 def _coefs(path: GaussianPath, t, x, derivatives: bool = False):
+    """``a, s`` (and ``ȧ, ṡ``) at ``t`` shaped to broadcast against ``x``: Python floats, computed once, when
+    the whole batch shares one time (:func:`~difflab.paths.shared_time`), else per element."""
     t = torch.as_tensor(t, device=x.device)
+    t_shared = shared_time(t)
+    if t_shared is not None:
+        a, s = path.coefficients_at(t_shared)
+        return (a, s) if not derivatives else (a, s) + path.derivatives_at(t_shared)
     a, s = bcast(path.a(t), x), bcast(path.s(t), x)
     if not derivatives:
         return a, s
@@ -55,6 +61,8 @@ def to_x0_eps(output: torch.Tensor, x: torch.Tensor, t, path: GaussianPath, targ
     """Convert a network output of type ``target`` at ``(x, t)`` into ``(x̂0, ε̂)`` (SPEC §4)."""
     if target == "eps":
         a, s = _coefs(path, t, x)
+        if isinstance(a, float):
+            return torch.sub(x, output, alpha=s).div_(a), output
         return (x - s * output) / a, output
     if target == "x0":
         a, s = _coefs(path, t, x)

@@ -23,8 +23,40 @@ from difflab.utils import bcast, randn
 _BISECTION_STEPS = 64
 
 
+# Entries kept by a path's memo of scalar coefficients (:meth:`GaussianPath.tabulate`) before it starts afresh.
+_MEMO_LIMIT = 1 << 16
+
+
 def _f64(t) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.float64)
+
+
+def shared_time(t):
+    """The one time shared by a whole batch of times, as a Python number, or ``None`` if they differ.
+
+    Samplers evaluate every sample at the same time; then the path's coefficients are scalars, computed
+    once (:meth:`GaussianPath.coefficients_at`) and broadcast, instead of per element. Recognised: Python
+    numbers, 0-d tensors, ``[B]`` tensors tagged by :func:`difflab.samplers.chain.time_tensor` (free on any
+    device), and, on the CPU, ``[B]`` tensors whose entries are all equal (one comparison, no device sync).
+    A time that requires grad is never reduced (its gradient goes through the per-element path).
+    """
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return t
+    if not isinstance(t, torch.Tensor) or t.requires_grad:
+        return None
+    tagged = getattr(t, "_shared_time", None)
+    if tagged is not None:
+        return tagged
+    if t.device.type != "cpu" or t.is_complex() or t.dtype == torch.bool:
+        return None
+    if t.ndim == 0:
+        return t.item()
+    if t.ndim != 1 or t.numel() == 0:
+        return None
+    first = t[0]
+    if t.numel() == 1 or t.stride(0) == 0 or bool((t == first).all()):
+        return first.item()
+    return None
 
 
 class GaussianPath:
@@ -72,6 +104,12 @@ class GaussianPath:
         t = torch.as_tensor(t, device=x0.device)
         return bcast(self.a(t), x0) * x0, bcast(self.s(t) ** 2, x0)
 
+    def _posterior_terms(self, t, t_prev):
+        a_t, s_t, a_p, s_p = self.a(t), self.s(t), self.a(t_prev), self.s(t_prev)
+        alpha_ts = a_t / a_p
+        var_ts = (s_t**2 - alpha_ts**2 * s_p**2).clamp(min=0.0)
+        return a_p * var_ts / s_t**2, alpha_ts * s_p**2 / s_t**2, var_ts * s_p**2 / s_t**2, var_ts
+
     def posterior_coefficients(self, t, t_prev):
         """Coefficients of ``q(x_{t'} | x_t, x0) = N(c_x0·x0 + c_xt·x_t, var)`` for ``t' < t``.
 
@@ -81,10 +119,71 @@ class GaussianPath:
         ``var = σ²_{t|t'} s_{t'}²/s_t²``. For consecutive DDPM steps these are exactly SPEC §2's
         ``μ̃_t`` and ``β̃_t``. Returns ``(c_x0, c_xt, var)`` as tensors shaped like ``t``.
         """
-        a_t, s_t, a_p, s_p = self.a(t), self.s(t), self.a(t_prev), self.s(t_prev)
-        alpha_ts = a_t / a_p
-        var_ts = (s_t**2 - alpha_ts**2 * s_p**2).clamp(min=0.0)
-        return a_p * var_ts / s_t**2, alpha_ts * s_p**2 / s_t**2, var_ts * s_p**2 / s_t**2
+        return self._posterior_terms(t, t_prev)[:3]
+
+    # --- scalar coefficients at one time shared by the batch (memoised; SPEC §4 values, as Python floats) ---
+    def derivatives(self, t):
+        """``(ȧ_t, ṡ_t)`` together (paths that share work between the two override this)."""
+        return self.a_dot(t), self.s_dot(t)
+
+    def _memo(self) -> dict:
+        memo = self.__dict__.get("_scalar_memo")
+        if memo is None or len(memo) > _MEMO_LIMIT:
+            memo = self.__dict__["_scalar_memo"] = {}
+        return memo
+
+    def tabulate(self, times, derivatives: bool = False, pairs: bool = False) -> None:
+        """Evaluate the scalar coefficients at many times in one vectorised call and memoise them.
+
+        A sampler calls this once per grid (the analogue of diffusers' ``set_timesteps``): ``a, s`` at every
+        time, ``ȧ, ṡ`` too with ``derivatives``, and with ``pairs`` the posterior terms of every consecutive
+        pair ``(times[i], times[i+1])``. Later :meth:`coefficients_at`, :meth:`derivatives_at` and
+        :meth:`posterior_at` return them without tensor work. Values are exactly those of the tensor methods.
+        """
+        times = list(times)
+        if not times:
+            return
+        memo = self._memo()
+        tt = torch.tensor([float(t) for t in times], dtype=torch.float64)
+        for t, a, s in zip(times, self.a(tt).tolist(), self.s(tt).tolist()):
+            memo[("as", t)] = (a, s)
+        if derivatives:
+            a_dot, s_dot = self.derivatives(tt)
+            for t, ad, sd in zip(times, a_dot.tolist(), s_dot.tolist()):
+                memo[("dots", t)] = (ad, sd)
+        if pairs and len(times) > 1:
+            terms = [v.tolist() for v in self._posterior_terms(tt[:-1], tt[1:])]
+            for t, t_prev, *values in zip(times[:-1], times[1:], *terms):
+                memo[("post", t, t_prev)] = tuple(values)
+
+    def _scalar(self, key, compute):
+        memo = self._memo()
+        value = memo.get(key)
+        if value is None:
+            value = memo[key] = compute()
+        return value
+
+    def coefficients_at(self, t) -> tuple:
+        """``(a_t, s_t)`` at one time ``t`` (a Python number) as Python floats, memoised."""
+        def compute():
+            tt = torch.tensor([float(t)], dtype=torch.float64)
+            return float(self.a(tt)[0]), float(self.s(tt)[0])
+        return self._scalar(("as", t), compute)
+
+    def derivatives_at(self, t) -> tuple:
+        """``(ȧ_t, ṡ_t)`` at one time ``t`` as Python floats, memoised (continuous paths)."""
+        def compute():
+            a_dot, s_dot = self.derivatives(torch.tensor([float(t)], dtype=torch.float64))
+            return float(a_dot[0]), float(s_dot[0])
+        return self._scalar(("dots", t), compute)
+
+    def posterior_at(self, t, t_prev) -> tuple:
+        """:meth:`posterior_coefficients` ``(c_x0, c_xt, var)`` and ``σ²_{t|t'}`` at one pair of times, as
+        Python floats, memoised."""
+        def compute():
+            tt = torch.tensor([float(t), float(t_prev)], dtype=torch.float64)
+            return tuple(float(v[0]) for v in self._posterior_terms(tt[:1], tt[1:]))
+        return self._scalar(("post", t, t_prev), compute)
 
     def posterior(self, x_t: torch.Tensor, x0: torch.Tensor, t, t_prev):
         """Exact reverse posterior ``q(x_{t'} | x_t, x0)`` (SPEC §2): returns ``(mean, var)``."""
@@ -467,11 +566,19 @@ class DiscreteTimeContinuation(ContinuousPath):
             out = torch.where(k == self.T - 1, lam[self.T - 1] + 2.0 * torch.log1p(-w), out)  # 1/σ̄ = (1−w)/σ̄_{T−1}
         return out
 
+    @staticmethod
+    def _a_from(lam):
+        return torch.exp(0.5 * torch.nn.functional.logsigmoid(lam))
+
+    @staticmethod
+    def _s_from(lam):
+        return torch.exp(0.5 * torch.nn.functional.logsigmoid(-lam))
+
     def a(self, t):
-        return torch.exp(0.5 * torch.nn.functional.logsigmoid(self.log_snr(t)))
+        return self._a_from(self.log_snr(t))
 
     def s(self, t):
-        return torch.exp(0.5 * torch.nn.functional.logsigmoid(-self.log_snr(t)))
+        return self._s_from(self.log_snr(t))
 
     def _derivatives(self, t):
         """``(ȧ, ṡ)`` on the segment of ``t`` (right-hand derivatives at integer steps).
@@ -482,7 +589,8 @@ class DiscreteTimeContinuation(ContinuousPath):
         ``ȧ = s³ ρ'``, ``ṡ = −ρ s³ ρ'`` with ``ρ' = −T ρ_{T−1}``. All stay finite at both ends.
         """
         k, w = self._segment(t)
-        a, s = self.a(t), self.s(t)
+        lam_t = self.log_snr(t)
+        a, s = self._a_from(lam_t), self._s_from(lam_t)
         lam = self.lam.to(k.device)
         lam_dot = self.T * (lam[k + 1] - lam[k]).nan_to_num(posinf=0.0, neginf=0.0)
         a_dot, s_dot = 0.5 * a * s**2 * lam_dot, -0.5 * s * a**2 * lam_dot
@@ -502,6 +610,9 @@ class DiscreteTimeContinuation(ContinuousPath):
 
     def s_dot(self, t):
         return self._derivatives(t)[1]
+
+    def derivatives(self, t):
+        return self._derivatives(t)
 
     def g2(self, t):
         return -2.0 * self.f_coef(t)  # VP: g² = β(t) = −2ȧ/a

@@ -7,12 +7,13 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable, Optional
 
 import torch
 
-from difflab.paths import GaussianPath
+from difflab.paths import GaussianPath, shared_time
 from difflab.parameterization import Prediction
 from difflab.samplers.chain import Samples, sample_chain
 from difflab.samplers.grids import discrete_timesteps
@@ -53,6 +54,16 @@ def ddpm_step(path: GaussianPath, x: torch.Tensor, pred: Prediction, t, t_next,
 
     The last step (``t_next = 0``) adds no noise: it returns the posterior mean, which is ``x̂0``.
     """
+    t_s, t_next_s = shared_time(t), shared_time(t_next)
+    if variance in ("beta_tilde", "beta") and t_s is not None and t_next_s is not None:
+        # one time for the batch: scalar coefficients; σ²_{t|t'} is the forward variance "beta" of ddpm_variance
+        c_x0, c_xt, beta_tilde, beta = path.posterior_at(t_s, t_next_s)
+        var = beta_tilde if variance == "beta_tilde" else beta
+        mean = torch.add(c_x0 * pred.x0, x, alpha=c_xt)
+        noise = randn(x.shape, generator, x.device, x.dtype)  # drawn on the last step too (same generator use)
+        if path.coefficients_at(t_next_s)[1] == 0:
+            return mean
+        return mean.add_(noise, alpha=math.sqrt(var))
     c_x0, c_xt, _ = path.posterior_coefficients(t, t_next)
     mean = bcast(c_x0, x) * pred.x0 + bcast(c_xt, x) * x
     var = ddpm_variance(path, pred, t, t_next, variance)

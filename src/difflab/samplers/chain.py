@@ -32,9 +32,18 @@ def denoiser_cost(denoiser) -> int:
 
 
 def time_tensor(t, batch: int, device) -> torch.Tensor:
-    """A grid value as a ``[B]`` tensor keeping its dtype (``long`` discrete, ``float64`` continuous)."""
+    """A grid value as a ``[B]`` tensor keeping its dtype (``long`` discrete, ``float64`` continuous).
+
+    The tensor is a read-only broadcast of one value, tagged with that value (a Python number) so that
+    :func:`difflab.paths.shared_time` finds it without reading the device: the path's coefficients are then
+    computed once per step as scalars.
+    """
+    value = t if isinstance(t, (int, float)) else None
     t = torch.as_tensor(t, device=device, dtype=torch.float64 if isinstance(t, float) else None)
-    return t.expand(batch)
+    t_b = t.expand(batch)
+    if value is not None:
+        t_b._shared_time = value
+    return t_b
 
 
 @torch.no_grad()
@@ -56,7 +65,9 @@ def sample_chain(denoiser, x: torch.Tensor, timesteps: torch.Tensor, step: Calla
     """
     path, batch = denoiser.path, x.shape[0]
     nfe = 0
-    pairs = list(zip(timesteps[:-1].tolist(), timesteps[1:].tolist()))
+    grid = timesteps.tolist()
+    pairs = list(zip(grid[:-1], grid[1:]))
+    path.tabulate(grid, pairs=True)  # every step's coefficients in one vectorised call
     for i, (t, t_next) in enumerate(tqdm(pairs, disable=not progress, desc="sampling", leave=False)):
         t_b, t_next_b = time_tensor(t, batch, x.device), time_tensor(t_next, batch, x.device)
         pred = denoiser(x, t_b, **cond)

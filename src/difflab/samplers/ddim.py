@@ -14,13 +14,14 @@ first-order solver, SPEC §6).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable, Optional
 
 import torch
 
 from difflab.parameterization import Prediction
-from difflab.paths import GaussianPath
+from difflab.paths import GaussianPath, shared_time
 from difflab.samplers.chain import Samples, sample_chain
 from difflab.samplers.grids import discrete_timesteps
 from difflab.utils import bcast, randn
@@ -29,6 +30,15 @@ from difflab.utils import bcast, randn
 def ddim_step(path: GaussianPath, x: torch.Tensor, pred: Prediction, t, t_next,
               generator: Optional[torch.Generator] = None, eta: float = 0.0) -> torch.Tensor:
     """One DDIM update ``x_t → x_{t'}`` (SPEC §5). At ``t' = 0`` it returns ``x̂0`` exactly."""
+    t_s, t_next_s = shared_time(t), shared_time(t_next)
+    if t_s is not None and t_next_s is not None:  # one time for the batch: scalar coefficients
+        posterior_var = path.posterior_at(t_s, t_next_s)[2]
+        a_next, s_next = path.coefficients_at(t_next_s)
+        sigma2 = eta**2 * posterior_var
+        x_next = torch.add(a_next * pred.x0, pred.eps, alpha=math.sqrt(max(s_next**2 - sigma2, 0.0)))
+        if eta > 0:
+            x_next = x_next.add_(randn(x.shape, generator, x.device, x.dtype), alpha=math.sqrt(sigma2))
+        return x_next
     _, _, posterior_var = path.posterior_coefficients(t, t_next)
     sigma2 = bcast(eta**2 * posterior_var, x)
     a_next, s_next = bcast(path.a(t_next), x), bcast(path.s(t_next), x)

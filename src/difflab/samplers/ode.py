@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.parameterization import Prediction
-from difflab.samplers.chain import Samples, denoiser_cost
+from difflab.samplers.chain import Samples, denoiser_cost, time_tensor
 from difflab.utils import bcast
 
 
@@ -56,22 +56,26 @@ class ProbabilityFlow:
         self.nfe = 0
         self.last: Optional[Prediction] = None
 
+    def prepare(self, times, derivatives: bool = True) -> None:
+        """Tabulate the path's coefficients at every time the solve will visit (one vectorised call)."""
+        self.path.tabulate([float(t) for t in times], derivatives=derivatives)
+
     def predict(self, x: torch.Tensor, t: float) -> Prediction:
-        t_b = torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device)
+        t_b = time_tensor(float(t), x.shape[0], x.device)
         self.last = self.denoiser(x, t_b, **self.cond)
         self.nfe += denoiser_cost(self.denoiser)
         return self.last
 
     def velocity(self, pred: Prediction, t: float, like: torch.Tensor) -> torch.Tensor:
         """``ȧ_t x̂0 + ṡ_t ε̂`` for a prediction made at time ``t``."""
-        t64 = torch.tensor(float(t), dtype=torch.float64)
-        return bcast(self.path.a_dot(t64), like) * pred.x0 + bcast(self.path.s_dot(t64), like) * pred.eps
+        a_dot, s_dot = self.path.derivatives_at(float(t))
+        return torch.mul(pred.x0, a_dot).to(like.dtype).add_(pred.eps, alpha=s_dot)
 
     def __call__(self, t: float, x: torch.Tensor) -> torch.Tensor:
         return self.velocity(self.predict(x, t), t, x)
 
     def is_clean(self, t: float) -> bool:
-        return float(self.path.s(torch.tensor(float(t), dtype=torch.float64))) == 0.0
+        return self.path.coefficients_at(float(t))[1] == 0.0
 
 
 # --- Runge–Kutta machinery ------------------------------------------------------------------------
@@ -117,11 +121,28 @@ def runge_kutta_step(f: Callable, t: float, y: torch.Tensor, h: float, tableau: 
     """
     ks = [f(t, y) if k1 is None else k1]
     for c_i, a_i in zip(tableau.c[1:], tableau.a[1:]):
-        y_i = y + h * sum(a_ij * k_j for a_ij, k_j in zip(a_i, ks) if a_ij != 0.0)
-        ks.append(f(t + c_i * h, y_i))
-    y_next = y + h * sum(b_i * k_i for b_i, k_i in zip(tableau.b, ks) if b_i != 0.0)
-    error = None if tableau.b_err is None else h * sum(e_i * k_i for e_i, k_i in zip(tableau.b_err, ks) if e_i != 0.0)
+        ks.append(f(t + c_i * h, _axpy(y, h, a_i, ks)))
+    y_next = _axpy(y, h, tableau.b, ks)
+    error = None if tableau.b_err is None else _axpy(None, h, tableau.b_err, ks)
     return y_next, error, ks
+
+
+def stage_times(t: float, h: float, tableau: ButcherTableau) -> list:
+    """The times ``t + c_i h`` at which :func:`runge_kutta_step` evaluates ``f`` (the same floats)."""
+    return [t + c_i * h for c_i in tableau.c[1:]]
+
+
+def _axpy(y: Optional[torch.Tensor], h: float, weights, ks) -> torch.Tensor:
+    """``y + h Σ w_j k_j`` (``h Σ w_j k_j`` without ``y``) over the nonzero weights, in fused steps."""
+    terms = [(h * w, k) for w, k in zip(weights, ks) if w != 0.0]
+    if y is None:
+        (c0, k0), terms = terms[0], terms[1:]
+        out = k0 * c0
+    else:
+        out = y.clone() if not terms else None
+    for c, k in terms:
+        out = torch.add(y, k, alpha=c) if out is None else out.add_(k, alpha=c)
+    return out
 
 
 class AdaptiveResult(NamedTuple):
@@ -189,6 +210,12 @@ def grid_intervals(timesteps, progress: bool):
     return tqdm(list(enumerate(zip(values[:-1], values[1:]))), disable=not progress, desc="ODE", leave=False)
 
 
+def grid_times(intervals) -> list:
+    """The grid's times (Python floats) from :func:`grid_intervals`, without advancing its progress bar."""
+    pairs = [pair for _, pair in intervals.iterable]
+    return [t for t, _ in pairs] + [pairs[-1][1]]
+
+
 def report_step(callback, i, t, t_next, x, pred):
     if callback is not None:
         callback({"i": i, "t": t, "t_next": t_next, "x": x, "x0_hat": pred.x0})
@@ -206,7 +233,11 @@ def sample_runge_kutta(denoiser, x: torch.Tensor, timesteps, tableau: ButcherTab
     """
     flow, dtype = ProbabilityFlow(denoiser, cond), x.dtype
     x = x.to(state_dtype(x))
-    for i, (t, t_next) in grid_intervals(timesteps, progress):
+    intervals = grid_intervals(timesteps, progress)
+    times = grid_times(intervals) + [u for _, (t, t_next) in intervals.iterable
+                                     for u in stage_times(t, t_next - t, tableau)]
+    flow.prepare(times)
+    for i, (t, t_next) in intervals:
         pred = flow.predict(x, t)
         if flow.is_clean(t_next):
             x = pred.x0
@@ -257,10 +288,11 @@ def sample_dpmpp_2m(denoiser, x: torch.Tensor, timesteps, generator: Optional[to
     path = flow.path
     x = x.to(state_dtype(x))
     x0_prev, h_prev = None, None
-    for i, (t, t_next) in grid_intervals(timesteps, progress):
+    intervals = grid_intervals(timesteps, progress)
+    flow.prepare(grid_times(intervals), derivatives=False)
+    for i, (t, t_next) in intervals:
         pred = flow.predict(x, t)
-        tt = torch.tensor([t, t_next], dtype=torch.float64)
-        (a, a_next), (s, s_next) = path.a(tt).tolist(), path.s(tt).tolist()
+        (a, s), (a_next, s_next) = path.coefficients_at(t), path.coefficients_at(t_next)
         if s_next == 0.0:
             x = pred.x0
         else:
@@ -269,8 +301,8 @@ def sample_dpmpp_2m(denoiser, x: torch.Tensor, timesteps, generator: Optional[to
                 d = pred.x0
             else:
                 r = h_prev / h
-                d = (1.0 + 0.5 / r) * pred.x0 - (0.5 / r) * x0_prev
-            x = (s_next / s) * x - a_next * math.expm1(-h) * d
+                d = torch.add(pred.x0 * (1.0 + 0.5 / r), x0_prev, alpha=-(0.5 / r))
+            x = torch.add(x * (s_next / s), d, alpha=-(a_next * math.expm1(-h)))
             x0_prev, h_prev = pred.x0, h
         report_step(callback, i, t, t_next, x, pred)
     return Samples(x.to(dtype), flow.nfe)
@@ -327,19 +359,23 @@ def sample_deis(denoiser, x: torch.Tensor, timesteps, order: int = 3, from_pure_
     path = flow.path
     x = x.to(state_dtype(x))
     history = []  # (log σ̄, ε̂) of the latest `order` evaluations
-    for i, (t, t_next) in grid_intervals(timesteps, progress):
+    intervals = grid_intervals(timesteps, progress)
+    flow.prepare(grid_times(intervals), derivatives=False)
+    for i, (t, t_next) in intervals:
         pred = flow.predict(x, t)
-        tt = torch.tensor([t, t_next], dtype=torch.float64)
-        (a, a_next), (s, s_next) = path.a(tt).tolist(), path.s(tt).tolist()
+        (a, s), (a_next, s_next) = path.coefficients_at(t), path.coefficients_at(t_next)
         if a > 0.0:
             history = (history + [(math.log(s / a), pred.eps)])[-order:]
         if s_next == 0.0:
             x = pred.x0
         elif i == 0 and (from_pure_noise or a == 0.0):
-            x = a_next * pred.x0 + (s_next / s) * x
+            x = torch.add(a_next * pred.x0, x, alpha=s_next / s)
         else:
             weights = log_rho_weights([n for n, _ in history], s / a, s_next / a_next)
-            x = a_next * (x / a + sum(w * eps for w, (_, eps) in zip(weights, history)))
+            x = x / a
+            for w, (_, eps) in zip(weights, history):
+                x.add_(eps, alpha=w)
+            x.mul_(a_next)
         report_step(callback, i, t, t_next, x, pred)
     return Samples(x.to(dtype), flow.nfe)
 
