@@ -286,17 +286,30 @@ class ContinuousPath(GaussianPath):
     # --- continuous-time helpers used by the ODE/SDE samplers, time grids and likelihood (SPEC §6) ---
     def sigma_bar(self, t) -> torch.Tensor:
         """``σ̄_t = s_t/a_t``, the noise level of the rescaled state ``x/a = x0 + σ̄ ε`` (EDM's σ; SPEC §6)."""
+        if isinstance(t, torch.Tensor) and t.ndim == 0 and t.device.type == "cpu" and not t.requires_grad:
+            a, s = self.coefficients_at(float(t))  # one time: the memoised scalars, the same division
+            return torch.tensor(s, dtype=torch.float64) / a
         return self.s(t) / self.a(t)
+
+    def _constant(self, name: str, compute):
+        """A constant of the path (a function of its fixed parameters), computed once per instance."""
+        memo = self.__dict__.setdefault("_constants", {})
+        if name not in memo:
+            memo[name] = compute()
+        return memo[name]
 
     def clean_time(self):
         """The time at which ``s = 0`` (the data itself, where samplers end with ``x̂0``), or ``None``."""
-        return 0.0 if float(self.s(torch.zeros((), dtype=torch.float64))) == 0.0 else None
+        return self._constant("clean_time", lambda: 0.0 if float(self.s(torch.zeros((), dtype=torch.float64))) == 0.0
+                              else None)
 
     def log_snr_range(self):
         """``(λ_noise, λ_clean)``: the log-SNR at ``t_max`` and at the clean end (or ``t_min``); may be ±inf."""
-        lo_t = self.clean_time() if self.clean_time() is not None else self.t_min
-        return float(self.log_snr(torch.tensor(float(self.t_max), dtype=torch.float64))), \
-            float(self.log_snr(torch.tensor(float(lo_t), dtype=torch.float64)))
+        def compute():
+            lo_t = self.clean_time() if self.clean_time() is not None else self.t_min
+            return float(self.log_snr(torch.tensor(float(self.t_max), dtype=torch.float64))), \
+                float(self.log_snr(torch.tensor(float(lo_t), dtype=torch.float64)))
+        return self._constant("log_snr_range", compute)
 
     def t_from_log_snr(self, lam) -> torch.Tensor:
         """The time ``t`` with ``log_snr(t) = λ`` (float64, shaped like ``λ``).
