@@ -48,7 +48,7 @@ QUICK_STEPS = {"moons": 60, "digits": 30}
 DDIM_STEPS = (10, 20, 50)
 NUM_POINTS = 1000
 """Samples per sampler on two moons (scored against 2 × as many held-out points, whose halves give the floor)."""
-NUM_IMAGES = 200
+NUM_IMAGES = 100
 """Samples per sampler on the digits (scored against all 1,797 digits)."""
 GUIDANCE_SCALE = 3.0
 
