@@ -82,6 +82,14 @@ def _sampler_settings(quick: bool) -> list[tuple[str, int]]:
     return [("ddpm", 1000)] + [("ddim", s) for s in DDIM_STEPS]
 
 
+def _timed_samples(pipe, num: int, quick: bool, seed: int):
+    """Yield ``(sampler, steps, samples, seconds)`` for every :func:`_sampler_settings` pair, all from ``seed``."""
+    for sampler, steps in _sampler_settings(quick):
+        start = time.perf_counter()
+        samples = pipe.sample(num, sampler=sampler, steps=steps, seed=seed, progress=False)
+        yield sampler, steps, samples, time.perf_counter() - start
+
+
 def _moons(report: Report, out: Path, quick: bool, seed: int, progress: bool) -> list[dict]:
     from difflab.data import load_dataset
     from difflab.evaluation import evaluate_samples
@@ -100,10 +108,7 @@ def _moons(report: Report, out: Path, quick: bool, seed: int, progress: bool) ->
                 "the held-out data as the noise floor.")
     save_loss_curve(run_dir / "metrics.jsonl", report.path("moons_loss.png"), title="two moons: training loss")
     rows = []
-    for sampler, steps in _sampler_settings(quick):
-        start = time.perf_counter()
-        samples = pipe.sample(num, sampler=sampler, steps=steps, seed=seed, progress=False)
-        seconds = time.perf_counter() - start
+    for sampler, steps, samples, seconds in _timed_samples(pipe, num, quick, seed):
         fname = f"moons_{sampler}{steps}.png"
         save_scatter(samples.x, report.path(fname), reference=held_out[:num], title=f"{sampler}, {samples.nfe} NFE")
         metrics = evaluate_samples(samples.x, held_out, "points", seed=seed)["metrics"]
@@ -137,10 +142,7 @@ def _digits(report: Report, out: Path, quick: bool, seed: int, progress: bool) -
                 "is that classifier's agreement with the requested class.")
     save_loss_curve(run_dir / "metrics.jsonl", report.path("digits_loss.png"), title="8×8 digits: training loss")
     rows = []
-    for sampler, steps in _sampler_settings(quick):
-        start = time.perf_counter()
-        samples = pipe.sample(num, sampler=sampler, steps=steps, seed=seed, progress=False)
-        seconds = time.perf_counter() - start
+    for sampler, steps, samples, seconds in _timed_samples(pipe, num, quick, seed):
         fname = f"digits_{sampler}{steps}.png"
         save_image_grid(samples.x[:100], report.path(fname), nrow=10, scale=4)
         labels = pipe.labels(num)
