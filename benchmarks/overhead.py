@@ -2,7 +2,8 @@
 
 The network is near-free (it returns zeros), the batch is 1024 vectors of dimension 16, and both libraries
 run the same sampler on the same DDPM linear schedule with the same number of model calls. What is timed is
-the whole sampling call (grid / ``set_timesteps`` included), divided by the NFE; the zero network's own
+the whole sampling call (grid / ``set_timesteps`` included), divided by the NFE, as the fastest of
+``repeats`` rounds that alternate between the two libraries (:func:`interleaved`); the zero network's own
 cost per call is measured and reported beside it. Then, with a real network (difflab's MLP), the total
 sampling time is compared with ``NFE × (one forward pass)``: a ratio of 1 means the sampler costs nothing.
 """
@@ -85,6 +86,19 @@ def _diffusers_runner(cls_name: str, options: dict, stochastic: bool, nfe: int):
     return run
 
 
+def interleaved(fn_a: Callable, fn_b: Callable, repeats: int, min_time: float = 0.05) -> tuple:
+    """Time two calls in alternation, ``repeats`` rounds of at least ``min_time`` each; on a shared machine
+    the least-disturbed round (``min_s``) of each is the fair estimate, and alternating exposes both to the
+    same background load."""
+    runs = {"a": [], "b": []}
+    for fn in (fn_a, fn_b):  # warm-up
+        fn()
+    for _ in range(repeats):
+        for key, fn in (("a", fn_a), ("b", fn_b)):
+            runs[key].append(timeit(fn, repeats=1, warmup=0, min_time=min_time)["min_s"])
+    return tuple({"min_s": min(v), "median_s": sorted(v)[len(v) // 2], "repeats": repeats} for v in runs.values())
+
+
 @torch.no_grad()
 def per_step_overhead(nfe: int, repeats: int) -> list[dict]:
     from difflab.paths import DiscreteTimeContinuation
@@ -100,15 +114,14 @@ def per_step_overhead(nfe: int, repeats: int) -> list[dict]:
     for pair in _pairs():
         den = denoisers[pair["path"]]
         dl_nfe = pair["difflab"](den, x_T, nfe, gen).nfe
-        dl = timeit(lambda: pair["difflab"](den, x_T, nfe, gen), repeats=repeats)
         dz_run = _diffusers_runner(*pair["diffusers"], pair["stochastic"], nfe)
         dz_nfe = dz_run(z, gen)[1]
-        dz = timeit(lambda: dz_run(z, gen), repeats=repeats)
-        dl_step, dz_step = dl["median_s"] / dl_nfe, dz["median_s"] / dz_nfe
+        dl, dz = interleaved(lambda: pair["difflab"](den, x_T, nfe, gen), lambda: dz_run(z, gen), repeats)
+        dl_step, dz_step = dl["min_s"] / dl_nfe, dz["min_s"] / dz_nfe
         rows.append({"sampler": pair["name"], "diffusers_class": pair["diffusers"][0], "nfe_difflab": dl_nfe,
                      "nfe_diffusers": dz_nfe, "difflab_s_per_eval": dl_step, "diffusers_s_per_eval": dz_step,
                      "zero_net_s_per_call": net_time, "ratio_difflab_over_diffusers": dl_step / dz_step,
-                     "difflab_total_s": dl["median_s"], "diffusers_total_s": dz["median_s"]})
+                     "difflab_total_s": dl["min_s"], "diffusers_total_s": dz["min_s"]})
     return rows
 
 

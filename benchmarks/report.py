@@ -213,7 +213,7 @@ def _overhead(ov: dict, out: Path) -> list:
     lines = ["## Sampler overhead (time outside the network)", "",
              f"Zero network, batch {res['batch']} × {res['dim']}, {res['nfe']} evaluations, {res['threads']} torch "
              "thread(s); whole sampling call (grid / `set_timesteps` included) divided by the counted NFE; difflab and "
-             "diffusers interleaved, median of repeats.", ""]
+             "diffusers alternate round by round, fastest round of each (the least-disturbed on a shared machine).", ""]
     rows = [[r["sampler"], r["diffusers_class"], _num(r["difflab_s_per_eval"] * 1e6), _num(r["diffusers_s_per_eval"] * 1e6),
              _num(r["ratio_difflab_over_diffusers"]), "yes" if r["ratio_difflab_over_diffusers"] <= OVERHEAD_TARGET_RATIO
              else "**no**"] for r in res["per_eval"]]

@@ -178,3 +178,38 @@ def test_bad_grids_are_rejected():
     with pytest.raises(ValueError):
         ode.sample_rk45(den, torch.zeros(2, BED.D), torch.tensor([1.0, 0.5]), rtol=0.0)
 
+
+
+@pytest.mark.parametrize("tableau", [ode.EULER, ode.HEUN, ode.RK4], ids=lambda t: t.name)
+@pytest.mark.parametrize("target", ["eps", "v", "x0"])
+def test_prediction_form_step_equals_the_vector_field_step(tableau, target):
+    """The samplers' RK step summed through the predictions' linear forms equals the textbook RK step on
+    ``v = ȧ x̂0 + ṡ ε̂`` (float64, 1e-12) — for a network wrapper (linear form) of every target."""
+    from difflab import NetworkDenoiser
+    from difflab.parameterization import from_x0_eps
+
+    path = VPPath()
+
+    def net(x, t, **cond):  # the bed's exact target, through the generic conversion
+        t_b = t.to(torch.float64)
+        pred = BED.denoiser(path)(x, t_b)
+        return from_x0_eps(pred.x0, pred.eps, x, t_b, path, target)
+
+    den = NetworkDenoiser(net, path, target)
+    x = torch.randn(5, BED.D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    flow = ode.ProbabilityFlow(den)
+    t, h = 0.6, -0.05
+    pred = flow.predict(x, t)
+    fast = ode.runge_kutta_step_from(flow, t, x, h, tableau, pred)
+    ref, _, _ = ode.runge_kutta_step(flow, t, x, h, tableau)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,state", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                         (torch.bfloat16, torch.float32)])
+def test_state_keeps_the_callers_precision_at_least_float32(dtype, state):
+    seen = []
+    den = BED.denoiser(VPPath())
+    grid = uniform_t(VPPath(), 4)
+    out = ode.sample_heun(den, torch.randn(3, BED.D).to(dtype), grid, callback=lambda info: seen.append(info["x"].dtype))
+    assert out.x.dtype == dtype and set(seen) == {state}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from difflab import DiscretePath, LinearPath, NetworkDenoiser, TrigPath, VPPath
-from difflab.parameterization import TARGETS
+from difflab.parameterization import TARGETS, Prediction, linear_form
 from difflab.paths import DiscreteTimeContinuation, EDMPath, VPCosinePath, shared_time
 from difflab.samplers.ancestral import ddpm_step
 from difflab.samplers.chain import time_tensor
@@ -89,3 +89,40 @@ def test_shared_time_detection():
     assert shared_time(torch.tensor([0.2, 0.3])) is None
     assert shared_time(torch.tensor([0.2, 0.2], requires_grad=True)) is None
     assert shared_time(time_tensor(0.7, 4, "cpu")) == 0.7
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_combine_of_linear_form_equals_the_formed_estimates(target):
+    """``combine`` on the linear form (two operations) equals ``c_x x + c_0 x̂0 + c_ε ε̂`` from the formed
+    ``x̂0, ε̂`` (float64, 1e-12), for the state itself and for another tensor, and returns a new tensor."""
+    den = NetworkDenoiser(linear_net, VPPath(), target)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    pred = den(x, time_tensor(0.4, B, "cpu"))
+    eager = Prediction(pred.x0.clone(), pred.eps.clone())
+    lazy = den(x, time_tensor(0.4, B, "cpu"))
+    for c_x0, c_eps, c_x in ((0.7, -1.3, 0.0), (0.0, 2.0, 0.5), (1.1, 0.0, -0.25), (1.0, 1.0, 1.0)):
+        ref = c_x0 * eager.x0 + c_eps * eager.eps + c_x * x
+        torch.testing.assert_close(lazy.combine(c_x0, c_eps, x=x, c_x=c_x), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(eager.combine(c_x0, c_eps, x=x, c_x=c_x), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lazy.combine(c_x0, c_eps, x=x.clone(), c_x=c_x), ref, rtol=1e-12, atol=1e-12)
+    out = lazy.combine(0.0, 1.0)
+    out.add_(1.0)  # never an alias of the network output or the state
+    torch.testing.assert_close(lazy.eps, eager.eps, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs the state"):
+        eager.combine(1.0, 0.0, c_x=1.0)
+
+
+def test_linear_form_falls_back_where_a_coefficient_is_infinite():
+    """Where ``a = 0`` an ε-prediction has no finite ``x̂0`` coefficient: the elementwise path is used."""
+    path = DiscreteTimeContinuation(DiscretePath.from_schedule("linear", T=1000, zero_terminal_snr=True))
+    assert linear_form(path, float(path.t_max), "eps") is None
+    assert linear_form(path, float(path.t_max), "v") is not None
+    assert path.coefficients_at(0.0)[1] == 0.0 and linear_form(path, 0.0, "x0") is None
+
+
+def test_time_tensors_are_cached_and_read_only():
+    t = time_tensor(0.25, 5, "cpu")
+    assert t is time_tensor(0.25, 5, torch.device("cpu")) and t.dtype == torch.float64
+    assert time_tensor(7, 5, "cpu").dtype == torch.long and time_tensor(7, 5, "cpu") is not time_tensor(7.0, 5, "cpu")
+    with pytest.raises(RuntimeError):
+        t.add_(1.0)

@@ -141,9 +141,12 @@ class GaussianPath:
         :meth:`posterior_at` return them without tensor work. Values are exactly those of the tensor methods.
         """
         times = list(times)
-        if not times:
-            return
         memo = self._memo()
+        times_known = all(("as", t) in memo for t in times) and (
+            not derivatives or all(("dots", t) in memo for t in times))
+        pairs_known = not pairs or all(("post", t, t_prev) in memo for t, t_prev in zip(times[:-1], times[1:]))
+        if not times or (times_known and pairs_known):  # a grid sampled before: nothing to compute
+            return
         tt = torch.tensor([float(t) for t in times], dtype=torch.float64)
         for t, a, s in zip(times, self.a(tt).tolist(), self.s(tt).tolist()):
             memo[("as", t)] = (a, s)
@@ -165,6 +168,11 @@ class GaussianPath:
 
     def coefficients_at(self, t) -> tuple:
         """``(a_t, s_t)`` at one time ``t`` (a Python number) as Python floats, memoised."""
+        memo = self.__dict__.get("_scalar_memo")
+        value = memo.get(("as", t)) if memo is not None else None
+        if value is not None:  # the per-step fast path: one dict lookup
+            return value
+
         def compute():
             tt = torch.tensor([float(t)], dtype=torch.float64)
             return float(self.a(tt)[0]), float(self.s(tt)[0])
@@ -172,6 +180,11 @@ class GaussianPath:
 
     def derivatives_at(self, t) -> tuple:
         """``(ȧ_t, ṡ_t)`` at one time ``t`` as Python floats, memoised (continuous paths)."""
+        memo = self.__dict__.get("_scalar_memo")
+        value = memo.get(("dots", t)) if memo is not None else None
+        if value is not None:
+            return value
+
         def compute():
             a_dot, s_dot = self.derivatives(torch.tensor([float(t)], dtype=torch.float64))
             return float(a_dot[0]), float(s_dot[0])

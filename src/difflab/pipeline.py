@@ -23,6 +23,7 @@ from difflab.config import RunConfig, build_path
 from difflab.parameterization import NetworkDenoiser
 from difflab.paths import GaussianPath
 from difflab.samplers import Samples, ddpm_step, sample_chain, sample_ddim, sample_ddpm
+from difflab.samplers.ode import precise_dtype
 
 
 # --- building ---------------------------------------------------------------------------------------------
@@ -215,6 +216,7 @@ def run_ancestral(denoiser, x: torch.Tensor, steps: int, generator=None, progres
     return sample_ancestral(den, x, uniform_t(den.path, steps), generator=generator, progress=progress, **cond)
 
 
+DISCRETE_SAMPLERS = ("ddpm", "ddim")  # chains in the state's own dtype; every other sampler is a continuous-time solver
 SAMPLERS: dict[str, Callable[..., Samples]] = {
     "ddpm": run_ddpm, "ddim": run_ddim,
     **{name: _ode_runner(name) for name in ("euler", "heun", "rk4", "dpmpp2m")},
@@ -243,6 +245,8 @@ def generate(denoiser, data_shape: Sequence[int], num: int, sampler: str = "ddim
         if name not in accepted:
             raise ValueError(f"sampler {sampler!r} takes no option {name!r}")
     x_T = denoiser.path.prior_sample((num, *data_shape), generator, device=device)
+    if sampler not in DISCRETE_SAMPLERS:  # continuous-time solvers integrate in float64 (samplers.ode.state_dtype)
+        x_T = x_T.to(precise_dtype(x_T.device))
     outputs, nfe = [], 0
     for start in range(0, num, batch_size):
         cond = {} if y is None else {"y": y[start:start + batch_size].to(device)}

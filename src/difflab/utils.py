@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -35,6 +37,19 @@ def per_sample_time(t, batch: int, device=None, dtype=None) -> torch.Tensor:
         t = t.expand(batch)
     if t.shape != (batch,):
         raise ValueError(f"time must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+    return t
+
+
+@functools.lru_cache(maxsize=512, typed=True)
+def constant_time(value, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A read-only ``[batch]`` tensor holding one time ``value`` (a Python number), tagged with that value.
+
+    Samplers evaluate a whole batch at one time, step after step; this builds each such tensor once (a cached
+    broadcast of a 0-d tensor, so writing into it raises) and tags it ``_shared_time = value`` so that
+    :func:`difflab.paths.shared_time` reads the time without touching the device.
+    """
+    t = torch.tensor(value, dtype=dtype, device=device).expand(batch)
+    t._shared_time = value
     return t
 
 

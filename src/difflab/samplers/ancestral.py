@@ -59,7 +59,7 @@ def ddpm_step(path: GaussianPath, x: torch.Tensor, pred: Prediction, t, t_next,
         # one time for the batch: scalar coefficients; σ²_{t|t'} is the forward variance "beta" of ddpm_variance
         c_x0, c_xt, beta_tilde, beta = path.posterior_at(t_s, t_next_s)
         var = beta_tilde if variance == "beta_tilde" else beta
-        mean = torch.add(c_x0 * pred.x0, x, alpha=c_xt)
+        mean = pred.combine(c_x0, 0.0, x=x, c_x=c_xt)
         noise = randn(x.shape, generator, x.device, x.dtype)  # drawn on the last step too (same generator use)
         if path.coefficients_at(t_next_s)[1] == 0:
             return mean

@@ -13,6 +13,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from tqdm.auto import tqdm
 
+from difflab.utils import constant_time
+
 
 class Samples(NamedTuple):
     """What every sampler returns: the samples and the number of network evaluations it made."""
@@ -34,16 +36,14 @@ def denoiser_cost(denoiser) -> int:
 def time_tensor(t, batch: int, device) -> torch.Tensor:
     """A grid value as a ``[B]`` tensor keeping its dtype (``long`` discrete, ``float64`` continuous).
 
-    The tensor is a read-only broadcast of one value, tagged with that value (a Python number) so that
-    :func:`difflab.paths.shared_time` finds it without reading the device: the path's coefficients are then
-    computed once per step as scalars.
+    For a Python number this is :func:`~difflab.utils.constant_time`: a cached read-only broadcast tagged
+    with the value, so that :func:`difflab.paths.shared_time` finds it without reading the device and the
+    path's coefficients are computed once per step as scalars.
     """
-    value = t if isinstance(t, (int, float)) else None
-    t = torch.as_tensor(t, device=device, dtype=torch.float64 if isinstance(t, float) else None)
-    t_b = t.expand(batch)
-    if value is not None:
-        t_b._shared_time = value
-    return t_b
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        return torch.as_tensor(t, device=device).expand(batch)
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    return constant_time(t, batch, device, torch.float64 if isinstance(t, float) else torch.long)
 
 
 @torch.no_grad()

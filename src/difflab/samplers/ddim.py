@@ -35,7 +35,7 @@ def ddim_step(path: GaussianPath, x: torch.Tensor, pred: Prediction, t, t_next,
         posterior_var = path.posterior_at(t_s, t_next_s)[2]
         a_next, s_next = path.coefficients_at(t_next_s)
         sigma2 = eta**2 * posterior_var
-        x_next = torch.add(a_next * pred.x0, pred.eps, alpha=math.sqrt(max(s_next**2 - sigma2, 0.0)))
+        x_next = pred.combine(a_next, math.sqrt(max(s_next**2 - sigma2, 0.0)))
         if eta > 0:
             x_next = x_next.add_(randn(x.shape, generator, x.device, x.dtype), alpha=math.sqrt(sigma2))
         return x_next

@@ -17,8 +17,10 @@ locally constant ``x̂0`` (the DDIM / first-order exponential-integrator step; o
 it *is* the Euler step), and it never evaluates ``v`` at ``s = 0``, where ``ṡ`` of a VP path is infinite.
 EDM's Heun sampler does the same (no correction on its last step to σ = 0).
 
-NFE is counted from actual denoiser calls (``samplers.chain.denoiser_cost``), never assumed. State is
-kept in float64 (cast at the network boundary by the denoiser wrapper) and returned in the input dtype.
+NFE is counted from actual denoiser calls (``samplers.chain.denoiser_cost``), never assumed. State is kept
+in ``x``'s dtype, float32 or float64 (:func:`state_dtype`; cast at the network boundary by the denoiser
+wrapper) and returned in the input dtype; the pipeline starts every continuous-time solver from a float64
+``x_T`` (:func:`precise_dtype`), as EDM's sampler does.
 Notation map: ``h`` is the signed step ``t_next − t`` (negative: time runs toward the data); in
 DPM-Solver++ ``λ = log(a/s)`` is half the log-SNR and ``h = λ_next − λ > 0`` (Lu et al. 2022).
 """
@@ -39,8 +41,15 @@ from difflab.utils import bcast
 
 
 def state_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 for sampler state, except on devices without it (Apple MPS), where float32."""
-    return torch.float32 if x.device.type == "mps" else torch.float64
+    """The sampler state's dtype: the caller's (``x``'s) when it is float32 or float64, else float32 — a
+    half-precision state would lose the small late-step updates (STYLE rule 8). Pass float64 for exact-answer
+    work; :func:`precise_dtype` is what the pipeline uses."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def precise_dtype(device) -> torch.dtype:
+    """float64, except on devices without it (Apple MPS), where float32: the pipeline's ODE/SDE state (as EDM's)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 class ProbabilityFlow:
@@ -69,7 +78,8 @@ class ProbabilityFlow:
     def velocity(self, pred: Prediction, t: float, like: torch.Tensor) -> torch.Tensor:
         """``ȧ_t x̂0 + ṡ_t ε̂`` for a prediction made at time ``t``."""
         a_dot, s_dot = self.path.derivatives_at(float(t))
-        return torch.mul(pred.x0, a_dot).to(like.dtype).add_(pred.eps, alpha=s_dot)
+        v = pred.combine(a_dot, s_dot)
+        return v if v.dtype == like.dtype else v.to(like.dtype)
 
     def __call__(self, t: float, x: torch.Tensor) -> torch.Tensor:
         return self.velocity(self.predict(x, t), t, x)
@@ -125,6 +135,32 @@ def runge_kutta_step(f: Callable, t: float, y: torch.Tensor, h: float, tableau: 
     y_next = _axpy(y, h, tableau.b, ks)
     error = None if tableau.b_err is None else _axpy(None, h, tableau.b_err, ks)
     return y_next, error, ks
+
+
+def runge_kutta_step_from(flow: "ProbabilityFlow", t: float, x: torch.Tensor, h: float, tableau: ButcherTableau,
+                          pred: Prediction) -> torch.Tensor:
+    """:func:`runge_kutta_step` on the PF-ODE, written in the denoiser's predictions: the same update
+    ``x + h Σ b_j k_j`` (and stage states ``x + h Σ a_ij k_j``) with ``k_j = ȧ_j x̂0_j + ṡ_j ε̂_j`` summed by
+    :meth:`~difflab.parameterization.Prediction.combine` / ``add_to``, which never form ``k_j``, ``x̂0`` or
+    ``ε̂`` (two tensor operations per term instead of four). ``pred`` is the prediction at ``(x, t)``.
+    """
+    stages = [(pred, t)]
+    for c_i, a_i in zip(tableau.c[1:], tableau.a[1:]):
+        t_i = t + c_i * h
+        stages.append((flow.predict(_stage_sum(flow.path, x, h, a_i, stages), t_i), t_i))
+    return _stage_sum(flow.path, x, h, tableau.b, stages)
+
+
+def _stage_sum(path, x: torch.Tensor, h: float, weights, stages) -> torch.Tensor:
+    """``x + h Σ_j w_j (ȧ_j x̂0_j + ṡ_j ε̂_j)`` over ``stages = [(prediction, time), ...]``, the first made at ``x``."""
+    (pred0, t0), w0 = stages[0], weights[0]
+    a_dot, s_dot = path.derivatives_at(t0)
+    out = pred0.combine(h * w0 * a_dot, h * w0 * s_dot, x=x, c_x=1.0)
+    for w, (pred, t_j) in zip(weights[1:], stages[1:]):
+        if w != 0.0:
+            a_dot, s_dot = path.derivatives_at(t_j)
+            pred.add_to(out, h * w * a_dot, h * w * s_dot)
+    return out
 
 
 def stage_times(t: float, h: float, tableau: ButcherTableau) -> list:
@@ -242,7 +278,7 @@ def sample_runge_kutta(denoiser, x: torch.Tensor, timesteps, tableau: ButcherTab
         if flow.is_clean(t_next):
             x = pred.x0
         else:
-            x, _, _ = runge_kutta_step(flow, t, x, t_next - t, tableau, k1=flow.velocity(pred, t, x))
+            x = runge_kutta_step_from(flow, t, x, t_next - t, tableau, pred)
         report_step(callback, i, t, t_next, x, pred)
     return Samples(x.to(dtype), flow.nfe)
 
@@ -297,12 +333,13 @@ def sample_dpmpp_2m(denoiser, x: torch.Tensor, timesteps, generator: Optional[to
             x = pred.x0
         else:
             h = math.log(a_next / s_next) - (math.log(a / s) if a > 0 else -math.inf)
+            c = -a_next * math.expm1(-h)  # x' = (s'/s) x + c D
             if x0_prev is None or not math.isfinite(h_prev):
-                d = pred.x0
+                x_new = pred.combine(c, 0.0, x=x, c_x=s_next / s)
             else:
                 r = h_prev / h
-                d = torch.add(pred.x0 * (1.0 + 0.5 / r), x0_prev, alpha=-(0.5 / r))
-            x = torch.add(x * (s_next / s), d, alpha=-(a_next * math.expm1(-h)))
+                x_new = pred.combine(c * (1.0 + 0.5 / r), 0.0, x=x, c_x=s_next / s).add_(x0_prev, alpha=-c * 0.5 / r)
+            x = x_new
             x0_prev, h_prev = pred.x0, h
         report_step(callback, i, t, t_next, x, pred)
     return Samples(x.to(dtype), flow.nfe)

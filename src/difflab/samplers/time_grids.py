@@ -76,12 +76,20 @@ def noise_range(path: ContinuousPath, sigma_min: Optional[float] = None, sigma_m
 
 
 def sigma_grid(path: ContinuousPath, steps: int, spacing: Callable, sigma_min: Optional[float] = None,
-               sigma_max: Optional[float] = None, clean_end: bool = True) -> torch.Tensor:
+               sigma_max: Optional[float] = None, clean_end: bool = True, key=None) -> torch.Tensor:
     """A grid from noise levels: ``spacing(σ̄_max, σ̄_min, n) -> (n,)`` decreasing ``σ̄`` knots, mapped to path time.
 
     The grid has ``steps + 1`` entries: ``t_max`` first (an extra head step where ``σ̄_max`` is below the
     path's own ``σ̄(t_max)``), then the ``σ̄`` knots, then the clean end (``clean_end`` and the path has one).
+    With a hashable ``key`` naming ``spacing``, the grid is built once per path and arguments (it is a pure
+    function of them) and a copy is returned on every later call.
     """
+    if key is not None:
+        memo = path._memo()
+        full_key = ("grid", key, steps, sigma_min, sigma_max, clean_end)
+        if full_key not in memo:
+            memo[full_key] = sigma_grid(path, steps, spacing, sigma_min, sigma_max, clean_end)
+        return memo[full_key].clone()
     _check(path, steps)
     sigma_min, sigma_max = noise_range(path, sigma_min, sigma_max)
     path_sigma_max = float(path.sigma_bar(_f64(path.t_max)))
@@ -118,13 +126,14 @@ def karras(path: ContinuousPath, steps: int, sigma_min: Optional[float] = None, 
     """Karras ρ-spacing in ``σ̄ = s/a`` (ρ = 7 by default), mapped to path time; see :func:`sigma_grid`."""
     if rho <= 0:
         raise ValueError(f"rho must be positive, got {rho}")
-    return sigma_grid(path, steps, lambda hi, lo, n: karras_sigmas(hi, lo, n, rho), sigma_min, sigma_max, clean_end)
+    return sigma_grid(path, steps, lambda hi, lo, n: karras_sigmas(hi, lo, n, rho), sigma_min, sigma_max, clean_end,
+                      key=("karras", rho))
 
 
 def uniform_log_snr(path: ContinuousPath, steps: int, sigma_min: Optional[float] = None,
                     sigma_max: Optional[float] = None, clean_end: bool = True) -> torch.Tensor:
     """Even spacing in log-SNR ``λ`` between ``σ̄_max`` and ``σ̄_min``, mapped to path time; see :func:`sigma_grid`."""
-    return sigma_grid(path, steps, log_snr_sigmas, sigma_min, sigma_max, clean_end)
+    return sigma_grid(path, steps, log_snr_sigmas, sigma_min, sigma_max, clean_end, key="log_snr")
 
 
 # --- grids optimised for a budget of network evaluations --------------------------------------------
