@@ -127,27 +127,37 @@ def per_step_overhead(nfe: int, repeats: int) -> list[dict]:
 
 @torch.no_grad()
 def breakdown(repeats: int) -> dict:
-    """Where one difflab ODE evaluation's overhead goes (zero network, batch ``BATCH × DIM``, float64 state):
-    the denoiser wrapper at a per-sample time ``[B]`` (path coefficients on ``B`` copies of one time), the
-    probability-flow coefficients ``ȧ, ṡ`` at one scalar time, and the state arithmetic of an Euler step."""
+    """Where one difflab ODE evaluation's overhead goes (zero network, batch ``BATCH × DIM``, float32 state, the
+    continuous DDPM path): the denoiser wrapper at a batch-shared time (the samplers' case: scalar coefficients,
+    the prediction kept in linear form) and at a per-sample time ``[B]`` (elementwise coefficients, ``x̂0`` and
+    ``ε̂`` formed); an Euler update from the linear form (:meth:`Prediction.combine`) and from formed ``x̂0, ε̂``;
+    a log-SNR grid built afresh and from the path's memo."""
     from difflab.paths import DiscreteTimeContinuation
+    from difflab.samplers import time_grids
+    from difflab.samplers.chain import time_tensor
 
     path = DiscreteTimeContinuation(beds.ddpm_path())
     den = NetworkDenoiser(zero_net, path, "eps")
-    x = torch.randn(BATCH, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    t_batch = torch.full((BATCH,), 0.5, dtype=torch.float64)
-    t_scalar = torch.tensor(0.5, dtype=torch.float64)
-    pred = den(x, t_batch)
+    x = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(0))
+    t_shared, t_batch = time_tensor(0.5, BATCH, x.device), torch.full((BATCH,), 0.5, dtype=torch.float64)
+    path.tabulate([0.5], derivatives=True)
+    lazy, formed = den(x, t_shared), den(x, t_batch)
+    a_dot, s_dot = path.derivatives_at(0.5)
 
     def measure(fn):
         return timeit(fn, repeats=repeats, min_time=0.02)["min_s"]
 
+    def fresh_grid():
+        path.__dict__.pop("_scalar_memo", None)
+        return time_grids.uniform_log_snr(path, 50)
+
     return {
+        "denoiser_call_shared_time_s": measure(lambda: den(x, t_shared)),
         "denoiser_call_per_sample_time_s": measure(lambda: den(x, t_batch)),
-        "path_log_snr_per_sample_time_s": measure(lambda: path.log_snr(t_batch)),
-        "path_log_snr_scalar_time_s": measure(lambda: path.log_snr(t_scalar)),
-        "flow_coefficients_scalar_time_s": measure(lambda: (path.a_dot(t_scalar), path.s_dot(t_scalar))),
-        "euler_state_arithmetic_s": measure(lambda: x + (-0.01) * (0.3 * pred.x0 + 0.7 * pred.eps)),
+        "euler_update_linear_form_s": measure(lambda: lazy.combine(-0.01 * a_dot, -0.01 * s_dot, x=x, c_x=1.0)),
+        "euler_update_formed_s": measure(lambda: formed.combine(-0.01 * a_dot, -0.01 * s_dot, x=x, c_x=1.0)),
+        "log_snr_grid_50_fresh_s": measure(fresh_grid),
+        "log_snr_grid_50_memoised_s": measure(lambda: time_grids.uniform_log_snr(path, 50)),
     }
 
 
