@@ -245,7 +245,7 @@ def generate(denoiser, data_shape: Sequence[int], num: int, sampler: str = "ddim
         if name not in accepted:
             raise ValueError(f"sampler {sampler!r} takes no option {name!r}")
     x_T = denoiser.path.prior_sample((num, *data_shape), generator, device=device)
-    if sampler not in DISCRETE_SAMPLERS:  # continuous-time solvers integrate in float64 (samplers.ode.state_dtype)
+    if sampler not in DISCRETE_SAMPLERS:  # continuous-time solvers integrate in float64 (samplers.ode.precise_dtype)
         x_T = x_T.to(precise_dtype(x_T.device))
     outputs, nfe = [], 0
     for start in range(0, num, batch_size):

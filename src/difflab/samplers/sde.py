@@ -92,7 +92,8 @@ def sample_euler_maruyama(denoiser, x: torch.Tensor, timesteps, generator: Optio
         x: the prior draw at ``timesteps[0]``, e.g. ``path.prior_sample(shape, generator)``.
         timesteps: decreasing float grid (:mod:`difflab.samplers.time_grids`); ending at the clean end
             makes the last step the denoising step ``x̂0``.
-    Returns: :class:`Samples` ``(x, nfe)``, NFE = steps. State is float64, returned in ``x``'s dtype.
+    Returns: :class:`Samples` ``(x, nfe)``, NFE = steps. State in ``x``'s precision (:func:`~difflab.samplers.ode.state_dtype`),
+    returned in ``x``'s dtype.
     """
     return _sample_transition(denoiser, x, timesteps, euler_maruyama_step, generator, callback, progress, cond)
 
@@ -117,7 +118,8 @@ def sample_pc(denoiser, x: torch.Tensor, timesteps, snr: float = 0.16, corrector
     then one ``predictor`` transition ``t → t_next`` (Euler–Maruyama by default; :func:`~difflab.samplers.
     ancestral.ddpm_step` is the ancestral predictor). Onto the clean end the predictor returns ``x̂0``.
 
-    NFE = steps × (1 + corrector_steps), counted. State is float64, returned in ``x``'s dtype.
+    NFE = steps × (1 + corrector_steps), counted. State in ``x``'s precision (:func:`~difflab.samplers.ode.state_dtype`),
+    returned in ``x``'s dtype.
     """
     if corrector_steps < 0 or snr < 0:
         raise ValueError(f"need corrector_steps >= 0 and snr >= 0, got {corrector_steps}, {snr}")
