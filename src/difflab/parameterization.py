@@ -53,7 +53,10 @@ class Prediction:
     @classmethod
     def from_linear(cls, x: torch.Tensor, out: torch.Tensor, x0_coefs: tuple, eps_coefs: tuple,
                     var_interp: Optional[torch.Tensor] = None) -> "Prediction":
-        """``x̂0 = x0_coefs[0]·x + x0_coefs[1]·out``, ``ε̂ = eps_coefs[0]·x + eps_coefs[1]·out`` (Python floats)."""
+        """``x̂0 = x0_coefs[0]·x + x0_coefs[1]·out``, ``ε̂ = eps_coefs[0]·x + eps_coefs[1]·out`` (Python floats).
+
+        ``x`` and ``out`` are held by reference: they must not be modified in place while the prediction is
+        in use (samplers build each new state as a new tensor)."""
         pred = cls(None, None, var_interp)
         pred._linear = (x, out, x0_coefs, eps_coefs)
         return pred
