@@ -334,12 +334,11 @@ def sample_dpmpp_2m(denoiser, x: torch.Tensor, timesteps, generator: Optional[to
         else:
             h = math.log(a_next / s_next) - (math.log(a / s) if a > 0 else -math.inf)
             c = -a_next * math.expm1(-h)  # x' = (s'/s) x + c D
-            if x0_prev is None or not math.isfinite(h_prev):
-                x_new = pred.combine(c, 0.0, x=x, c_x=s_next / s)
-            else:
+            if x0_prev is None or not math.isfinite(h_prev):  # D = x̂0_i
+                x = pred.combine(c, 0.0, x=x, c_x=s_next / s)
+            else:  # D = (1 + 1/(2r)) x̂0_i − 1/(2r) x̂0_{i−1}
                 r = h_prev / h
-                x_new = pred.combine(c * (1.0 + 0.5 / r), 0.0, x=x, c_x=s_next / s).add_(x0_prev, alpha=-c * 0.5 / r)
-            x = x_new
+                x = pred.combine(c * (1.0 + 0.5 / r), 0.0, x=x, c_x=s_next / s).add_(x0_prev, alpha=-c * 0.5 / r)
             x0_prev, h_prev = pred.x0, h
         report_step(callback, i, t, t_next, x, pred)
     return Samples(x.to(dtype), flow.nfe)
