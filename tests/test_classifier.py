@@ -9,16 +9,6 @@ from difflab.networks.classifier import NoisyClassifier
 from difflab.utils import bcast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small-tensor work runs several times faster on one intra-op thread on the shared 2-core CI box
-    (measured: the exact bed's denoiser 4× slower with 2 threads); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("data_shape", [(2,), (16,), (3, 16, 16), (1, 8, 8)])
 def test_shapes_for_points_and_images(data_shape):
     B, C = 5, 7

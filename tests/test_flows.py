@@ -24,15 +24,6 @@ from difflab.reflow import distill_one_step, rectified_flow_denoiser, reflow, re
 from difflab.samplers.ode import sample_heun
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Everything here is small: one thread is fastest, and the test machine's two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- minibatch OT coupling ------------------------------------------------------------------------
 def _pairing_cost(x0, eps, perm):
     return float(((x0 - eps[perm]) ** 2).sum())

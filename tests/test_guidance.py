@@ -29,16 +29,6 @@ PATHS = [DiscretePath.from_schedule("linear", T=1000), VPPath(), TrigPath()]
 TIMES = {True: [1, 50, 300, 700, 1000], False: [0.01, 0.2, 0.5, 0.8, 0.99]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small-tensor work runs several times faster on one intra-op thread on the shared 2-core CI box
-    (measured: the exact bed's denoiser 4× slower with 2 threads); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def path():
     return DiscretePath.from_schedule("linear", T=1000)

@@ -213,20 +213,28 @@ def load_checkpoint(run_dir: Union[str, Path], which: Union[str, int] = "latest"
     json_file = directory / f"{name}.json"
     if not json_file.is_file():
         raise FileNotFoundError(f"no checkpoint {name!r} in {str(run_dir)!r}")
+    record, tensors = read_verified(json_file, FORMAT, "checkpoint")
+    tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    state = {part: unflatten_state(skeleton, tensors) for part, skeleton in record["index"].items()}
+    return Checkpoint(step=int(record["step"]), config=RunConfig.from_dict(record["config"]),
+                      model=state["model"], ema=state.get("ema"), optimizer=state.get("optimizer"),
+                      meta=record.get("meta", {}), file=json_file)
+
+
+def read_verified(json_file: Path, fmt: str, kind: str) -> tuple:
+    """The JSON record of a saved artefact and its safetensors weights, checked: the record must be valid JSON
+    of format ``fmt`` and the weights file it names must exist and match its recorded SHA-256. Returns
+    ``(record, tensors)``; raises :class:`CheckpointError` naming the file otherwise (``kind`` for the message)."""
     record = _read_json(json_file)
-    if record.get("format") != FORMAT:
-        raise CheckpointError(f"{json_file} is not a difflab checkpoint")
-    weights_file = directory / record["weights"]
+    if record.get("format") != fmt:
+        raise CheckpointError(f"{json_file} is not a difflab {kind}")
+    weights_file = json_file.parent / record["weights"]
     if not weights_file.is_file():
         raise CheckpointError(f"{json_file} refers to a missing weights file {weights_file.name}")
     data = weights_file.read_bytes()
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise CheckpointError(f"{weights_file} does not match the hash recorded in {json_file.name}")
-    tensors = {k: v.to(map_location) for k, v in safetensors_load(data).items()}
-    state = {part: unflatten_state(skeleton, tensors) for part, skeleton in record["index"].items()}
-    return Checkpoint(step=int(record["step"]), config=RunConfig.from_dict(record["config"]),
-                      model=state["model"], ema=state.get("ema"), optimizer=state.get("optimizer"),
-                      meta=record.get("meta", {}), file=json_file)
+    return record, safetensors_load(data)
 
 
 def _read_json(path: Path) -> dict:

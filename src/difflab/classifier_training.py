@@ -31,7 +31,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from difflab.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json
+from difflab.checkpoint import atomic_write_bytes, atomic_write_json, read_verified
 from difflab.config import DiffusionConfig, RunConfig, build_path
 from difflab.networks.classifier import NoisyClassifier
 from difflab.networks.embeddings import CONTINUOUS_TIME_SCALE, NULL_LABEL, check_labels
@@ -255,8 +255,6 @@ def load_classifier(cls_dir: Union[str, Path], device=None) -> TrainedClassifier
     Raises ``FileNotFoundError`` when there is none and :class:`~difflab.checkpoint.CheckpointError` when it
     is corrupt (the weights do not match the recorded hash) or of another format.
     """
-    from safetensors.torch import load as safetensors_load
-
     from difflab.pipeline import default_device
 
     cls_dir = Path(cls_dir)
@@ -264,21 +262,10 @@ def load_classifier(cls_dir: Union[str, Path], device=None) -> TrainedClassifier
     if not record_file.is_file():
         raise FileNotFoundError(f"no classifier in {str(cls_dir)!r} (missing {RECORD_FILE}; "
                                 "write one with 'difflab train-classifier CONFIG --out CLS_DIR')")
-    try:
-        record = json.loads(record_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{record_file} is not valid JSON ({err})") from None
-    if record.get("format") != FORMAT:
-        raise CheckpointError(f"{record_file} is not a difflab classifier")
-    weights_file = cls_dir / record["weights"]
-    if not weights_file.is_file():
-        raise CheckpointError(f"{record_file} refers to a missing weights file {weights_file.name}")
-    data = weights_file.read_bytes()
-    if hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise CheckpointError(f"{weights_file} does not match the hash recorded in {record_file.name}")
+    record, tensors = read_verified(record_file, FORMAT, "classifier")
     meta = record["meta"]
     net = NoisyClassifier(meta["data_shape"], meta["num_classes"], meta["width"], meta["depth"], meta["time_dim"],
                           meta["time_scale"])
-    net.load_state_dict(safetensors_load(data))
+    net.load_state_dict(tensors)
     net.to(default_device(device)).eval()
     return TrainedClassifier(net, RunConfig.from_dict(record["config"]), meta, cls_dir)
