@@ -1,9 +1,11 @@
 """Training throughput and memory: difflab's networks vs diffusers' ``UNet2DModel`` at a matched size.
 
-A training step is one forward + backward + AdamW step of the ε-MSE (``L_simple``, SPEC §3) on one batch.
-Each measurement runs in its own subprocess (``python -m benchmarks.training --worker JSON``) so that its
-peak RSS is its own; difflab and diffusers workers alternate, and the best of the repeats is kept (the
-machine is shared, so the least-disturbed run is the fairest estimate). Measured:
+A training step is one forward + backward + AdamW step of the ε-MSE (``L_simple``, SPEC §3) on one batch,
+with the trainer's optimiser (:func:`difflab.optim.adamw`, fused AdamW) on both sides. Each measurement runs
+in its own subprocess (``python -m benchmarks.training --worker JSON``) so that its peak RSS is its own;
+difflab and diffusers workers alternate, and the best of the repeats is kept (the machine is shared, so the
+least-disturbed run is the fairest estimate). Everything is measured at one torch thread and again at every
+core the process may use (how ``difflab train`` runs), since the two libraries scale differently. Measured:
 
 - difflab's 2-D MLP (the ``configs/moons.yaml`` size) and the U-Nets of ``configs/digits8.yaml`` (8×8, batch 128)
   and ``configs/mnist5k.yaml`` (28×28, batch 64), unconditional in both libraries;
@@ -121,8 +123,10 @@ def _worker(job: dict) -> dict:
             x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
             return torch.nn.functional.mse_loss(net(x_t, t).sample, eps)
 
+    from difflab.optim import adamw
+
     params = sum(p.numel() for p in net.parameters())
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = adamw(net.parameters(), lr=1e-4)  # the trainer's optimiser, the same on both sides
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step():
@@ -152,7 +156,8 @@ def _worker(job: dict) -> dict:
 
 
 def _spawn(job: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS=str(job["threads"]))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.training", "--worker", json.dumps(job)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -193,12 +198,17 @@ def train_peak_memory(steps: int, config_name: str = DIGITS_CONFIGS["unet"]) -> 
     return out
 
 
-def run(quick: bool = False, log=print) -> dict:
+def thread_counts() -> list:
+    """One torch thread, and every core this process may use (how ``difflab train`` runs) when that is more."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return sorted({1, cores})
+
+
+def _measure(threads: int, quick: bool, steps: int, warmup: int, repeats: int, log) -> dict:
+    """Every model at one torch thread count: samples/s, peak RSS and the difflab/diffusers ratios."""
     from difflab.networks import build_network, count_parameters
 
-    threads = torch.get_num_threads()
-    steps, warmup, repeats = (2, 1, 1) if quick else (4, 2, 3)
-    out = {"threads": threads, "steps_timed": steps, "repeats": repeats, "cuda": torch.cuda.is_available()}
+    out = {"threads": threads}
     common = {"threads": threads, "steps": steps, "warmup": warmup}
     mlp = mlp_spec()
     jobs, keys = ([], []) if quick else ([dict(common, library="difflab", **mlp)], ["mlp"])  # --quick: U-Nets only
@@ -224,11 +234,20 @@ def run(quick: bool = False, log=print) -> dict:
             ratio = out[key]["samples_per_s"] / out[dz_key]["samples_per_s"]
             out[f"{key}_throughput_ratio_difflab_over_diffusers"] = ratio
             out[f"{key}_param_ratio_difflab_over_diffusers"] = out[key]["params"] / out[dz_key]["params"]
-            log(f"  {key} {out[key]['data_shape']} batch {out[key]['batch']}: difflab {out[key]['samples_per_s']:.0f} "
-                f"samples/s ({out[key]['params']} params), diffusers {out[dz_key]['samples_per_s']:.0f} samples/s "
-                f"({out[dz_key]['params']} params): ratio {ratio:.2f}")
+            log(f"  {threads} thread(s), {key} {out[key]['data_shape']} batch {out[key]['batch']}: difflab "
+                f"{out[key]['samples_per_s']:.0f} samples/s ({out[key]['params']} params), diffusers "
+                f"{out[dz_key]['samples_per_s']:.0f} samples/s ({out[dz_key]['params']} params): ratio {ratio:.2f}")
     if "mlp" in out and "error" not in out["mlp"]:
-        log(f"  MLP batch {mlp['batch']}: {out['mlp']['samples_per_s']:.0f} samples/s, peak RSS {out['mlp']['peak_rss_mib']:.0f} MiB")
+        log(f"  {threads} thread(s), MLP batch {mlp['batch']}: {out['mlp']['samples_per_s']:.0f} samples/s, "
+            f"peak RSS {out['mlp']['peak_rss_mib']:.0f} MiB")
+    return out
+
+
+def run(quick: bool = False, log=print) -> dict:
+    steps, warmup, repeats = (3, 1, 1) if quick else (10, 2, 4)
+    out = {"steps_timed": steps, "warmup": warmup, "repeats": repeats, "cuda": torch.cuda.is_available(),
+           "optimizer": "difflab.optim.adamw (fused AdamW) on both sides",
+           "by_threads": {str(n): _measure(n, quick, steps, warmup, repeats, log) for n in thread_counts()}}
     out["train_peak_memory"] = train_peak_memory(2 if quick else 30)
     pm = out["train_peak_memory"]
     log(f"  {pm['command']}: peak RSS {pm['peak_rss_mib']:.0f} MiB, exit {pm['exit_code']}")

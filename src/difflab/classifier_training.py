@@ -35,6 +35,7 @@ from difflab.checkpoint import atomic_write_bytes, atomic_write_json, read_verif
 from difflab.config import DiffusionConfig, RunConfig, build_path
 from difflab.networks.classifier import NoisyClassifier
 from difflab.networks.embeddings import CONTINUOUS_TIME_SCALE, NULL_LABEL, check_labels
+from difflab.optim import adamw
 from difflab.paths import GaussianPath
 
 WEIGHTS_FILE = "classifier.safetensors"
@@ -181,7 +182,7 @@ def train_classifier(cfg: RunConfig, out_dir: Union[str, Path], overwrite: bool 
     path = build_path(cfg.diffusion)
     torch.manual_seed(step_seed(seed, -1, "classifier/init"))
     net = NoisyClassifier(data_shape, num_classes, cc.width, cc.depth, cc.time_dim, network_time_scale(path)).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cc.lr, weight_decay=cc.weight_decay)
+    optimizer = adamw(net.parameters(), lr=cc.lr, weight_decay=cc.weight_decay)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METRICS_FILE).unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from scipy.optimize import linear_sum_assignment
 
 from difflab.losses import diffusion_loss
 from difflab.metrics import sliced_wasserstein2
+from difflab.optim import adamw
 from difflab.parameterization import NetworkDenoiser, from_x0_eps
 from difflab.paths import GaussianPath
 from difflab.samplers.chain import Samples
@@ -158,7 +159,7 @@ def fit_velocity(denoiser: NetworkDenoiser, sample_batch_fn: Callable, steps: in
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
     net = denoiser.net
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    opt = adamw([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     losses = []
     net.train()

@@ -59,6 +59,7 @@ from difflab.config import ConfigError, RunConfig, build_path, save_config
 from difflab.ema import EMA
 from difflab.flows import flow_matching_loss
 from difflab.losses import diffusion_loss, sample_time
+from difflab.optim import adamw
 from difflab.pipeline import build_denoiser, build_model, generate
 
 CONFIG_FILE = "config.yaml"
@@ -283,8 +284,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, dataset
     _seed_global_rng(step_seed(tc.seed, -1, "init"), device)
     net = build_model(cfg, data_shape, num_classes).to(device)
     ema = EMA(net, tc.ema_decay, tc.ema_start)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate(tc, 1), weight_decay=tc.weight_decay,
-                                  foreach=True)
+    optimizer = adamw(net.parameters(), lr=learning_rate(tc, 1), weight_decay=tc.weight_decay)
     book = {"window_loss": 0.0, "window_grad_norm": 0.0, "window_count": 0, "elapsed": 0.0, "loss": float("nan")}
     start = 0
     if ckpt is not None:
