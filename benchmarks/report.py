@@ -248,6 +248,9 @@ def _training(tr: dict) -> list:
              f"One step = forward + backward + AdamW ({res.get('optimizer', 'torch AdamW')}) on the ε-MSE; each "
              f"measurement in its own process (its own peak RSS), {res['steps_timed']} timed steps, best of "
              f"{res['repeats']} interleaved repeats; every model at 1 torch thread and at every core of the machine.", ""]
+    if tr.get("quick"):
+        lines += ["*Quick run: so few timed steps that the ratios below swing by ±20 % between runs; the full "
+                  "`make bench` measurement is the one to quote.*", ""]
     rows = []
     for run in _thread_runs(res):
         for key in ("mlp", "unet", "unet_mnist", "diffusers_unet", "diffusers_unet_mnist"):
