@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from difflab import limits
 from difflab.config import RunConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -166,7 +167,7 @@ def save_checkpoint(run_dir: Union[str, Path], step: int, config: RunConfig, mod
     atomic_write_bytes(directory / f"{name}.safetensors", weights)
     record = {
         "format": FORMAT, "version": FORMAT_VERSION, "step": int(step),
-        "weights": f"{name}.safetensors", "sha256": hashlib.sha256(weights).hexdigest(),
+        "weights": f"{name}.safetensors", "sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights),
         "saved_at": time.time(), "torch": torch.__version__,
         "config": config.to_dict(), "meta": meta or {}, "index": index,
     }
@@ -194,54 +195,173 @@ def has_checkpoint(run_dir: Union[str, Path]) -> bool:
 
 
 def load_checkpoint(run_dir: Union[str, Path], which: Union[str, int] = "latest",
-                    map_location: Union[str, torch.device] = "cpu") -> Checkpoint:
+                    map_location: Union[str, torch.device] = "cpu",
+                    max_weight_bytes: Optional[int] = None) -> Checkpoint:
     """Load a checkpoint of ``run_dir``: ``which`` is ``"latest"``, a step number or ``"step_00000100"``.
 
+    A run directory is data from anywhere, so every field is checked before it is used (see
+    :func:`read_record` and :func:`read_verified`); ``max_weight_bytes`` bounds the weights file (the
+    caller knows the network's size: :func:`difflab.limits.checkpoint_byte_budget`).
+
     Raises ``FileNotFoundError`` when the run or the checkpoint does not exist and
-    :class:`CheckpointError` when it exists but is corrupt or of another format.
+    :class:`CheckpointError` (one line naming the file) when it exists but cannot be used.
     """
+    json_file = checkpoint_record_file(run_dir, which)
+    record, tensors = read_verified(json_file, FORMAT, "checkpoint", max_weight_bytes=max_weight_bytes)
+    tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    try:
+        state = {part: unflatten_state(skeleton, tensors) for part, skeleton in record["index"].items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{json_file}: its index does not match its weights ({type(err).__name__}: {err})") from None
+    if "model" not in state:
+        raise CheckpointError(f"{json_file}: holds no model weights")
+    return Checkpoint(step=record["step"], config=record["run_config"], model=state["model"], ema=state.get("ema"),
+                      optimizer=state.get("optimizer"), meta=record["meta"], file=json_file)
+
+
+def checkpoint_record_file(run_dir: Union[str, Path], which: Union[str, int] = "latest") -> Path:
+    """The JSON record of checkpoint ``which`` of ``run_dir``. ``latest.json`` and ``which`` may name only
+    ``step_<digits>`` inside the run's own ``checkpoints/`` folder."""
     directory = Path(run_dir) / CHECKPOINT_DIR
     if which == "latest":
         pointer = directory / LATEST
         if not pointer.is_file():
             raise FileNotFoundError(f"no checkpoint in {str(run_dir)!r} (missing {CHECKPOINT_DIR}/{LATEST})")
-        name = _read_json(pointer)["name"]
+        latest = _read_json(pointer, MAX_POINTER_BYTES)
+        name = latest.get("name") if isinstance(latest, dict) else None
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise CheckpointError(f"{pointer}: must name a checkpoint step_<digits> of this run, got {name!r}")
     elif isinstance(which, int) or str(which).isdigit():
         name = checkpoint_name(int(which))
-    else:
+    elif _NAME.match(str(which)):
         name = str(which)
+    else:
+        raise ValueError(f"a checkpoint is 'latest', a step number or step_<digits>, got {which!r}")
     json_file = directory / f"{name}.json"
     if not json_file.is_file():
         raise FileNotFoundError(f"no checkpoint {name!r} in {str(run_dir)!r}")
-    record, tensors = read_verified(json_file, FORMAT, "checkpoint")
-    tensors = {k: v.to(map_location) for k, v in tensors.items()}
-    state = {part: unflatten_state(skeleton, tensors) for part, skeleton in record["index"].items()}
-    return Checkpoint(step=int(record["step"]), config=RunConfig.from_dict(record["config"]),
-                      model=state["model"], ema=state.get("ema"), optimizer=state.get("optimizer"),
-                      meta=record.get("meta", {}), file=json_file)
+    return json_file
 
 
-def read_verified(json_file: Path, fmt: str, kind: str) -> tuple:
-    """The JSON record of a saved artefact and its safetensors weights, checked: the record must be valid JSON
-    of format ``fmt`` and the weights file it names must exist and match its recorded SHA-256. Returns
-    ``(record, tensors)``; raises :class:`CheckpointError` naming the file otherwise (``kind`` for the message)."""
-    record = _read_json(json_file)
-    if record.get("format") != fmt:
+RECORD_FIELDS = {"format": str, "weights": str, "sha256": str, "step": int, "config": dict, "meta": dict}
+"""What every saved record (checkpoint or classifier) holds, with its JSON type."""
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def read_record(json_file: Path, fmt: str, kind: str) -> dict:
+    """The JSON record of a saved artefact, checked: at most :data:`~difflab.limits.MAX_RECORD_BYTES`, a
+    mapping of format ``fmt`` with every :data:`RECORD_FIELDS` entry of its type, a weights file named
+    ``<record stem>.safetensors`` beside it, and a valid config (parsed into ``record["run_config"]``).
+    Raises :class:`CheckpointError` naming the file otherwise (``kind`` for the message)."""
+    from difflab.config import ConfigError
+
+    record = _read_json(json_file, limits.MAX_RECORD_BYTES)
+    if not isinstance(record, dict) or record.get("format") != fmt:
         raise CheckpointError(f"{json_file} is not a difflab {kind}")
+    for key, kind_of in RECORD_FIELDS.items():
+        value = record.get(key)
+        if not isinstance(value, kind_of) or isinstance(value, bool):
+            raise CheckpointError(f"{json_file}: field {key!r} must be a JSON {kind_of.__name__}, got {value!r:.60}")
+    if record["step"] < 0:
+        raise CheckpointError(f"{json_file}: field 'step' must be >= 0, got {record['step']}")
+    if record["weights"] != f"{json_file.stem}.safetensors":
+        raise CheckpointError(f"{json_file}: its weights must be {json_file.stem}.safetensors beside it, "
+                              f"not {record['weights']!r:.80}")
+    if not _SHA256.match(record["sha256"]):
+        raise CheckpointError(f"{json_file}: field 'sha256' is not a SHA-256 hex digest")
+    if "bytes" in record and (not isinstance(record["bytes"], int) or isinstance(record["bytes"], bool)):
+        raise CheckpointError(f"{json_file}: field 'bytes' must be an integer")
+    if "index" in record and not isinstance(record["index"], dict):
+        raise CheckpointError(f"{json_file}: field 'index' must be a JSON object")
+    try:
+        record["run_config"] = RunConfig.from_dict(record["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{json_file}: its config is invalid: {err}") from None
+    return record
+
+
+def read_verified(json_file: Path, fmt: str, kind: str, max_weight_bytes: Optional[int] = None) -> tuple:
+    """The checked record (:func:`read_record`) and its safetensors weights. Before the weights are read:
+    their size must match the record's ``bytes`` and stay within ``max_weight_bytes``, and the safetensors
+    header must describe exactly the file (:func:`safetensors_header`); then the SHA-256 is compared,
+    read in chunks. Returns ``(record, tensors)``; raises :class:`CheckpointError` naming the file."""
+    record = read_record(json_file, fmt, kind)
     weights_file = json_file.parent / record["weights"]
     if not weights_file.is_file():
         raise CheckpointError(f"{json_file} refers to a missing weights file {weights_file.name}")
-    data = weights_file.read_bytes()
-    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+    size = weights_file.stat().st_size
+    if "bytes" in record and record["bytes"] != size:
+        raise CheckpointError(f"{weights_file} has {size} bytes, but {json_file.name} records {record['bytes']}")
+    if max_weight_bytes is not None and size > max_weight_bytes:
+        raise CheckpointError(f"{weights_file} has {size:,} bytes, more than this model's checkpoint can hold "
+                              f"({max_weight_bytes:,})")
+    safetensors_header(weights_file, size)
+    digest = hashlib.sha256()
+    with open(weights_file, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != record["sha256"]:
         raise CheckpointError(f"{weights_file} does not match the hash recorded in {json_file.name}")
-    return record, safetensors_load(data)
-
-
-def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        tensors = safetensors_load(weights_file.read_bytes())
+    except Exception as err:  # safetensors raises its own SafetensorError (not importable by a stable name)
+        raise CheckpointError(f"{weights_file}: unreadable safetensors file ({type(err).__name__})") from None
+    return record, tensors
+
+
+def safetensors_header(weights_file: Path, size: int) -> dict:
+    """Read and check the header of a ``.safetensors`` file without reading its tensors: an 8-byte
+    little-endian length of at most :data:`~difflab.limits.MAX_SAFETENSORS_HEADER`, a JSON object whose
+    entries have a known dtype, a shape and ``data_offsets`` that tile the data region exactly."""
+    import math
+
+    if size < 8:
+        raise CheckpointError(f"{weights_file}: too short for a safetensors file ({size} bytes)")
+    with open(weights_file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(limits.MAX_SAFETENSORS_HEADER, size - 8):
+            raise CheckpointError(f"{weights_file}: safetensors header of {n} bytes does not fit the file")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{weights_file}: the safetensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{weights_file}: the safetensors header is not a JSON object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            width = SAFETENSORS_DTYPE_BYTES[entry["dtype"]]
+            begin, stop = (int(v) for v in entry["data_offsets"])
+            count = math.prod(int(d) for d in entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{weights_file}: tensor {name!r:.60} has a malformed header entry") from None
+        if not 0 <= begin <= stop or stop - begin != count * width:
+            raise CheckpointError(f"{weights_file}: tensor {name!r:.60} has inconsistent offsets")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise CheckpointError(f"{weights_file}: the header describes {8 + n + end} bytes, the file has {size}")
+    return header
+
+
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                           "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+HASH_CHUNK_BYTES = 1 << 22
+MAX_POINTER_BYTES = 4096
+"""``latest.json`` is one short line."""
+
+
+def _read_json(path: Path, max_bytes: int) -> Any:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise CheckpointError(f"{path}: {size:,} bytes is too large (limit {max_bytes:,})")
+    try:
+        return json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err.msg if hasattr(err, 'msg') else err})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply") from None
 
 
 def _prune(directory: Path, keep: int, protect: str) -> None:

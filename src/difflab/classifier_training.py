@@ -31,7 +31,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from difflab.checkpoint import atomic_write_bytes, atomic_write_json, read_verified
+from difflab.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, read_record, read_verified
+from difflab.limits import (MAX_CLASSES, MAX_DEPTH, MAX_WIDTH, LimitError, build_within_limits, check_data_shape,
+                            check_int, checkpoint_byte_budget)
 from difflab.config import DiffusionConfig, RunConfig, build_path
 from difflab.networks.classifier import NoisyClassifier
 from difflab.networks.embeddings import CONTINUOUS_TIME_SCALE, NULL_LABEL, check_labels
@@ -157,7 +159,7 @@ def train_classifier(cfg: RunConfig, out_dir: Union[str, Path], overwrite: bool 
 
     from difflab.guidance import classifier_loss
     from difflab.losses import sample_time
-    from difflab.pipeline import default_device
+    from difflab.pipeline import default_device, load_weights
     from difflab.training import TrainingError, batch_indices, step_seed
 
     cfg.validate()
@@ -244,7 +246,7 @@ def save_classifier(out_dir: Union[str, Path], net: NoisyClassifier, cfg: RunCon
     weights = safetensors_save(state, metadata={"format": FORMAT, "step": str(step)})
     atomic_write_bytes(out_dir / WEIGHTS_FILE, weights)
     record = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step), "weights": WEIGHTS_FILE,
-              "sha256": hashlib.sha256(weights).hexdigest(), "saved_at": time.time(), "torch": torch.__version__,
+              "sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights), "saved_at": time.time(), "torch": torch.__version__,
               "config": cfg.to_dict(), "meta": meta}
     atomic_write_json(out_dir / RECORD_FILE, record)
     return out_dir / RECORD_FILE
@@ -256,17 +258,26 @@ def load_classifier(cls_dir: Union[str, Path], device=None) -> TrainedClassifier
     Raises ``FileNotFoundError`` when there is none and :class:`~difflab.checkpoint.CheckpointError` when it
     is corrupt (the weights do not match the recorded hash) or of another format.
     """
-    from difflab.pipeline import default_device
+    from difflab.pipeline import default_device, load_weights
 
     cls_dir = Path(cls_dir)
     record_file = cls_dir / RECORD_FILE
     if not record_file.is_file():
         raise FileNotFoundError(f"no classifier in {str(cls_dir)!r} (missing {RECORD_FILE}; "
                                 "write one with 'difflab train-classifier CONFIG --out CLS_DIR')")
-    record, tensors = read_verified(record_file, FORMAT, "classifier")
+    record = read_record(record_file, FORMAT, "classifier")
     meta = record["meta"]
-    net = NoisyClassifier(meta["data_shape"], meta["num_classes"], meta["width"], meta["depth"], meta["time_dim"],
-                          meta["time_scale"])
-    net.load_state_dict(tensors)
+    try:
+        shape = check_data_shape(meta.get("data_shape"), "meta")
+        sizes = [check_int(f"meta.{k}", meta.get(k), 1, high) for k, high in
+                 (("num_classes", MAX_CLASSES), ("width", MAX_WIDTH), ("depth", MAX_DEPTH), ("time_dim", MAX_WIDTH))]
+        time_scale = meta.get("time_scale")
+        if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) or not math.isfinite(time_scale):
+            raise LimitError(f"meta.time_scale must be a finite number, got {time_scale!r:.40}")
+        net, nbytes = build_within_limits(lambda: NoisyClassifier(shape, *sizes, time_scale), "the classifier")
+    except (LimitError, ValueError) as err:
+        raise CheckpointError(f"{record_file}: {err}") from None
+    record, tensors = read_verified(record_file, FORMAT, "classifier", max_weight_bytes=checkpoint_byte_budget(nbytes))
+    load_weights(net, tensors, record_file)
     net.to(default_device(device)).eval()
-    return TrainedClassifier(net, RunConfig.from_dict(record["config"]), meta, cls_dir)
+    return TrainedClassifier(net, record["run_config"], meta, cls_dir)

@@ -20,6 +20,8 @@ from typing import Callable, Optional, Sequence
 from difflab.commands import evaluate, experiment
 from difflab.commands import demo, train_classifier
 from difflab.commands import nll, reflow
+from difflab.commands import arguments
+from difflab.limits import MAX_CLASSES
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -79,33 +81,34 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'difflab train'")
     p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampler (default: ddim)")
-    p.add_argument("--steps", type=int, default=50, help="network evaluations per sample (default: 50)")
-    p.add_argument("--num", type=int, default=64, help="number of samples (default: 64)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity, 0 = deterministic (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--class", dest="label", type=int, default=None,
+    p.add_argument("--steps", type=arguments.steps, default=50, help="network evaluations per sample (default: 50)")
+    p.add_argument("--num", type=arguments.count, default=64, help="number of samples (default: 64)")
+    p.add_argument("--eta", type=arguments.finite_float, default=0.0, help="DDIM stochasticity, 0 = deterministic (default: 0)")
+    p.add_argument("--seed", type=arguments.seed, default=0, help="random seed (default: 0)")
+    p.add_argument("--class", dest="label", type=arguments.bounded_int(-1, MAX_CLASSES), default=None,
                    help="class label for a class-conditional model (-1: unconditional; default: every class in turn)")
     p.add_argument("--out", required=True, metavar="FILE", help="FILE.png (grid or scatter plot) or FILE.npz (arrays)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per network batch (default: 256)")
+    p.add_argument("--batch-size", type=arguments.count, default=256, help="samples per network batch (default: 256)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", type=arguments.device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("guidance (SPEC §7)")
-    g.add_argument("--guidance-scale", type=float, default=1.0, metavar="λ",
+    g.add_argument("--guidance-scale", type=arguments.finite_float, default=1.0, metavar="λ",
                    help="classifier-free guidance scale of a class-conditional model: 0 unconditional, "
                         "1 conditional (default), > 1 sharper; λ ≠ 1 costs 2 network evaluations per step")
-    g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+    g.add_argument("--guidance-interval", type=arguments.finite_float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
                    help="apply λ only for T_LO <= t <= T_HI, in the path's time units (0..T steps or 0..1)")
-    g.add_argument("--guidance-rescale", type=float, default=0.0, metavar="φ",
+    g.add_argument("--guidance-rescale", type=arguments.finite_float, default=0.0, metavar="φ",
                    help="rescale the guided prediction's std towards the conditional one's, φ in [0, 1] (default: 0)")
     g.add_argument("--classifier", metavar="CLS_DIR", default=None,
                    help="a noise-conditional classifier written by 'difflab train-classifier' for classifier guidance")
-    g.add_argument("--classifier-scale", type=float, default=None, metavar="W",
+    g.add_argument("--classifier-scale", type=arguments.finite_float, default=None, metavar="W",
                    help="classifier-guidance weight w (default with --classifier: 1)")
 
 
 def run_sample(args: argparse.Namespace) -> int:
     import numpy as np
+    import torch
 
     from difflab.pipeline import load_run
     from difflab.plotting import save_image_grid, save_scatter
@@ -136,6 +139,10 @@ def run_sample(args: argparse.Namespace) -> int:
                 "classifier_scale": 1.0 if args.classifier_scale is None else args.classifier_scale}
     samples = pipe.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, y=y,
                           batch_size=args.batch_size, progress=not args.quiet, **guidance)
+    bad = int((~torch.isfinite(samples.x.reshape(args.num, -1))).any(dim=1).sum())
+    if bad:
+        raise ValueError(f"{bad} of {args.num} samples hold NaN or Inf ({args.sampler}, {samples.nfe} evaluations): "
+                         f"the sampler diverged on this model; nothing written to {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
         arrays = {"x": samples.x.numpy(), "nfe": np.array(samples.nfe)}

@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 import yaml
 
+from difflab import limits
 from difflab.losses import WEIGHTINGS
 from difflab.schedules import SCHEDULES
 
@@ -41,6 +42,14 @@ class ConfigError(ValueError):
 
 def _choices(*values: str) -> dict:
     return {"choices": values}
+
+
+MAX_LEVELS = 16
+"""Entries of ``model.channel_mults`` / ``attn_resolutions`` (U-Net levels)."""
+MAX_CHANNEL_MULT = 64
+MAX_SAMPLE_IMAGES = 10_000
+MAX_DATA_EXAMPLES = 10_000_000
+"""``data.n``: a generated 2-D set of this many points takes 160 MB."""
 
 
 # --- the sections ------------------------------------------------------------------------------------
@@ -67,10 +76,23 @@ class DataConfig:
         if self.name not in LOADERS:
             raise ConfigError(f"data.name must be one of {', '.join(LOADERS)}; got {self.name!r}"
                               f"{_suggest(self.name, LOADERS)}")
-        if self.n is not None and self.n < 1:
-            raise ConfigError(f"data.n must be >= 1, got {self.n}")
+        if self.n is not None:
+            _in_range("data.n", self.n, 1, MAX_DATA_EXAMPLES)
         if self.name in PATH_DATASETS and not self.path:
             raise ConfigError(f"data set {self.name!r} reads your files: set data.path")
+
+    def path_for_run(self, given: Optional[str]) -> Optional[str]:
+        """Where to read a *trained run's* data from: the path the user gives on this machine (``--data``),
+        never the ``data.path`` stored in the run, which may come from anywhere. Built-in and generated
+        sets read no path."""
+        if self.name not in PATH_DATASETS:
+            if given is not None:
+                raise ConfigError(f"this run's data set {self.name!r} is built in and reads no path: drop --data")
+            return None
+        if given is None:
+            raise ConfigError(f"this run was trained on your files ({self.name} at {self.path!r}); pass --data PATH "
+                              "to read them here (difflab never reads a path stored in a run directory)")
+        return given
 
 
 NETWORK_FIELDS = {
@@ -110,19 +132,23 @@ class ModelConfig:
     context_dim: Optional[int] = None
 
     def validate(self) -> None:
-        for name in ("hidden", "time_dim", "base_channels", "num_heads", "num_res_blocks"):
-            _at_least(f"model.{name}", getattr(self, name), 1)
-        _at_least("model.depth", self.depth, 0)
+        for name in ("hidden", "time_dim", "base_channels", "num_heads"):
+            _in_range(f"model.{name}", getattr(self, name), 1, limits.MAX_WIDTH)
+        _in_range("model.num_res_blocks", self.num_res_blocks, 1, limits.MAX_DEPTH)
+        _in_range("model.depth", self.depth, 0, limits.MAX_DEPTH)
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
             raise ConfigError(f"model.channel_mults must be a non-empty list of positive integers, got {self.channel_mults}")
+        _bounded_list("model.channel_mults", self.channel_mults, 1, MAX_CHANNEL_MULT, MAX_LEVELS)
         if self.attn_resolutions is not None and any(r < 1 for r in self.attn_resolutions):
             raise ConfigError(f"model.attn_resolutions must hold positive side lengths, got {self.attn_resolutions}")
+        if self.attn_resolutions is not None:
+            _bounded_list("model.attn_resolutions", self.attn_resolutions, 1, limits.MAX_SIDE, MAX_LEVELS)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
         if self.time_dim % 2:
             raise ConfigError(f"model.time_dim must be even (sin/cos pairs), got {self.time_dim}")
         if self.context_dim is not None:
-            _at_least("model.context_dim", self.context_dim, 1)
+            _in_range("model.context_dim", self.context_dim, 1, limits.MAX_WIDTH)
 
     def network_kwargs(self) -> dict:
         """The keyword arguments of ``build_network`` for this ``kind``."""
@@ -155,7 +181,7 @@ class DiffusionConfig:
     coupling: str = field(default="none", metadata=_choices("none", "ot"))
 
     def validate(self) -> None:
-        _at_least("diffusion.T", self.T, 1)
+        _in_range("diffusion.T", self.T, 1, limits.MAX_T)
         if self.coupling == "ot" and (self.target != "velocity" or self.weighting != "none"):
             raise ConfigError("diffusion.coupling 'ot' is a flow-matching coupling: it needs target velocity "
                               "(on a continuous path) and weighting none")
@@ -217,10 +243,15 @@ class TrainConfig:
     num_threads: int = 0
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "keep_checkpoints", "num_sample_images", "sample_steps"):
-            _at_least(f"train.{name}", getattr(self, name), 1)
-        for name in ("warmup_steps", "ema_start", "sample_every", "checkpoint_every", "num_threads", "seed"):
-            _at_least(f"train.{name}", getattr(self, name), 0)
+        for name in ("steps", "log_every", "keep_checkpoints"):
+            _in_range(f"train.{name}", getattr(self, name), 1, limits.MAX_STEPS)
+        for name in ("warmup_steps", "ema_start", "sample_every", "checkpoint_every"):
+            _in_range(f"train.{name}", getattr(self, name), 0, limits.MAX_STEPS)
+        _in_range("train.batch_size", self.batch_size, 1, limits.MAX_BATCH)
+        _in_range("train.num_sample_images", self.num_sample_images, 1, MAX_SAMPLE_IMAGES)
+        _in_range("train.sample_steps", self.sample_steps, 1, limits.MAX_NFE)
+        _in_range("train.num_threads", self.num_threads, 0, limits.MAX_THREADS)
+        _in_range("train.seed", self.seed, 0, limits.MAX_SEED)
         for name in ("lr",):
             if not (self.lr > 0 and math.isfinite(self.lr)):
                 raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
@@ -255,8 +286,12 @@ class ClassifierConfig:
     log_every: int = 50
 
     def validate(self) -> None:
-        for name in ("width", "depth", "time_dim", "steps", "batch_size", "log_every"):
-            _at_least(f"classifier.{name}", getattr(self, name), 1)
+        for name in ("width", "time_dim"):
+            _in_range(f"classifier.{name}", getattr(self, name), 1, limits.MAX_WIDTH)
+        _in_range("classifier.depth", self.depth, 1, limits.MAX_DEPTH)
+        for name in ("steps", "log_every"):
+            _in_range(f"classifier.{name}", getattr(self, name), 1, limits.MAX_STEPS)
+        _in_range("classifier.batch_size", self.batch_size, 1, limits.MAX_BATCH)
         if self.time_dim % 2:
             raise ConfigError(f"classifier.time_dim must be even (sin/cos pairs), got {self.time_dim}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -319,10 +354,23 @@ _Loader.add_implicit_resolver(
 
 def parse_value(text: str) -> Any:
     """A YAML scalar or flow value (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``{a: 1}``, ``null``)."""
+    return _load_yaml(text, f"cannot parse value {text!r}")
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """Parse YAML with difflab's loader, then refuse documents whose aliases expand past
+    :data:`difflab.limits.MAX_CONFIG_VALUES` values or refer to themselves (measured without expanding them)."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        value = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse value {text!r}: {_first_line(err)}") from None
+        raise ConfigError(f"{where}: invalid YAML: {_first_line(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+    try:
+        limits.expanded_size(value, where)
+    except limits.LimitError as err:
+        raise ConfigError(str(err)) from None
+    return value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -364,10 +412,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
+        if path.stat().st_size > limits.MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config "
+                              f"(limit {limits.MAX_CONFIG_BYTES})")
         try:
-            raw = yaml.load(path.read_text(), Loader=_Loader)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {_first_line(err)}") from None
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (UTF-8)") from None
+        raw = _load_yaml(text, str(path))
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{path}: a config must be a mapping of sections {list(SECTIONS)}")
     try:
@@ -434,7 +486,13 @@ def _check_value(dotted: str, value: Any, annotation, choices=None) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{dotted} must be a number, got {_describe(value)}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{dotted} must be a finite number, got an integer of {value.bit_length()} bits") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{dotted} must be a finite number, got {value}")
+        return value
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{dotted} must be a string, got {_describe(value)}")
@@ -444,6 +502,7 @@ def _check_value(dotted: str, value: Any, annotation, choices=None) -> Any:
     if annotation is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{dotted} must be a mapping, got {_describe(value)}")
+        _check_finite(dotted, value)
         return dict(value)
     if origin is list:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -464,9 +523,30 @@ def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _at_least(dotted: str, value: int, low: int) -> None:
+def _in_range(dotted: str, value: int, low: int, high: int) -> None:
     if value < low:
         raise ConfigError(f"{dotted} must be >= {low}, got {value}")
+    if value > high:
+        raise ConfigError(f"{dotted} must be <= {high}, got {value}")
+
+
+def _bounded_list(dotted: str, values: list, low: int, high: int, max_len: int) -> None:
+    if len(values) > max_len:
+        raise ConfigError(f"{dotted} may hold at most {max_len} entries, got {len(values)}")
+    for i, v in enumerate(values):
+        _in_range(f"{dotted}[{i}]", v, low, high)
+
+
+def _check_finite(dotted: str, value: Any) -> None:
+    """Refuse NaN and ±inf anywhere in a free-form value (``data.options``), naming the key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{dotted} must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(f"{dotted}.{k}", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(f"{dotted}[{i}]", v)
 
 
 def _suggest(word: str, candidates) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,10 +33,22 @@ def build_model(cfg: RunConfig, data_shape: Sequence[int], num_classes: int = 0)
 
     ``num_classes`` is used only when ``cfg.model.conditional`` (otherwise the network is unconditional).
     """
+    return build_model_sized(cfg, data_shape, num_classes)[0]
+
+
+def build_model_sized(cfg: RunConfig, data_shape: Sequence[int], num_classes: int = 0) -> tuple[nn.Module, int]:
+    """:func:`build_model` and the bytes of its parameters and buffers, counted on the ``meta`` device before
+    the network is built, so an absurd size is refused before anything is allocated
+    (:func:`difflab.limits.build_within_limits`)."""
+    from difflab.limits import build_within_limits, check_data_shape, check_int, MAX_CLASSES
     from difflab.networks import build_network
 
-    return build_network(cfg.model.kind, tuple(data_shape), num_classes if cfg.model.conditional else 0,
-                         learned_variance=cfg.model.learned_variance, **cfg.model.network_kwargs())
+    data_shape = check_data_shape(data_shape, "data")
+    num_classes = check_int("num_classes", num_classes, 0, MAX_CLASSES)
+    return build_within_limits(
+        lambda: build_network(cfg.model.kind, data_shape, num_classes if cfg.model.conditional else 0,
+                              learned_variance=cfg.model.learned_variance, **cfg.model.network_kwargs()),
+        f"the {cfg.model.kind} network")
 
 
 def build_denoiser(cfg: RunConfig, net: Callable, path: Optional[GaussianPath] = None) -> NetworkDenoiser:
@@ -216,6 +229,8 @@ def run_ancestral(denoiser, x: torch.Tensor, steps: int, generator=None, progres
     return sample_ancestral(den, x, uniform_t(den.path, steps), generator=generator, progress=progress, **cond)
 
 
+MAX_OUTPUT_VALUES = 1 << 28
+"""Values one :func:`generate` call may return (1 GiB in float32; x_T is drawn in float64 for the ODE solvers)."""
 DISCRETE_SAMPLERS = ("ddpm", "ddim")  # chains in the state's own dtype; every other sampler is a continuous-time solver
 SAMPLERS: dict[str, Callable[..., Samples]] = {
     "ddpm": run_ddpm, "ddim": run_ddim,
@@ -239,6 +254,10 @@ def generate(denoiser, data_shape: Sequence[int], num: int, sampler: str = "ddim
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if num < 1 or batch_size < 1:
         raise ValueError(f"num and batch_size must be >= 1, got num={num}, batch_size={batch_size}")
+    values = num * math.prod(data_shape)
+    if values > MAX_OUTPUT_VALUES:
+        raise ValueError(f"{num} samples of shape {tuple(data_shape)} are {values:,} values, more than the "
+                         f"{MAX_OUTPUT_VALUES:,} one call may hold: draw them in several calls")
     fn = SAMPLERS[sampler]
     accepted = inspect.signature(fn).parameters
     for name in options:
@@ -359,17 +378,49 @@ def default_device(device=None) -> torch.device:
 
 
 def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Union[str, int] = "latest") -> Pipeline:
-    """Restore a trained run (the EMA weights unless ``ema=False``) for sampling, in eval mode."""
-    from difflab.checkpoint import load_checkpoint
+    """Restore a trained run (the EMA weights unless ``ema=False``) for sampling, in eval mode.
 
-    ckpt = load_checkpoint(run_dir, which, map_location="cpu")
-    cfg, meta = ckpt.config, ckpt.meta
-    data_shape, num_classes = tuple(meta["data_shape"]), int(meta["num_classes"])
-    net = build_model(cfg, data_shape, num_classes)
-    state = ckpt.ema["shadow"] if ema and ckpt.ema is not None else ckpt.model
-    net.load_state_dict(state)
+    The run is read as untrusted data: its config and metadata are checked and the network's size counted
+    (on the ``meta`` device) before the weights file is read, whose size must fit that network
+    (:func:`difflab.limits.checkpoint_byte_budget`); weights that do not fit the network, or hold NaN or
+    Inf, raise :class:`~difflab.checkpoint.CheckpointError` naming the file.
+    """
+    from difflab.checkpoint import FORMAT, CheckpointError, checkpoint_record_file, load_checkpoint, read_record
+    from difflab.limits import LimitError, checkpoint_byte_budget
+
     device = default_device(device)
+    json_file = checkpoint_record_file(run_dir, which)
+    record = read_record(json_file, FORMAT, "checkpoint")
+    cfg, meta = record["run_config"], record["meta"]
+    try:
+        net, nbytes = build_model_sized(cfg, meta.get("data_shape"), meta.get("num_classes"))
+    except (LimitError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{json_file}: {err}") from None
+    ckpt = load_checkpoint(run_dir, json_file.stem, map_location="cpu", max_weight_bytes=checkpoint_byte_budget(nbytes))
+    state = ckpt.ema["shadow"] if ema and isinstance(ckpt.ema, dict) and "shadow" in ckpt.ema else ckpt.model
+    load_weights(net, state, json_file)
     net.to(device).eval()
+    data_shape, num_classes = tuple(meta["data_shape"]), int(meta["num_classes"])
+    data_kind = meta.get("data_kind", "points" if len(data_shape) == 1 else "image")
+    if data_kind not in ("points", "image"):
+        raise CheckpointError(f"{json_file}: meta.data_kind must be 'points' or 'image', got {data_kind!r:.40}")
     return Pipeline(net=net, denoiser=build_denoiser(cfg, net), config=cfg, data_shape=data_shape,
-                    num_classes=num_classes, data_kind=meta.get("data_kind", "points" if len(data_shape) == 1 else "image"),
-                    step=ckpt.step, device=device)
+                    num_classes=num_classes, data_kind=data_kind, step=ckpt.step, device=device)
+
+
+def load_weights(net: nn.Module, state, source: Path) -> None:
+    """``net.load_state_dict(state)`` for weights read from ``source``: a missing, extra or misshapen tensor,
+    or a NaN/Inf weight, raises :class:`~difflab.checkpoint.CheckpointError` in one line naming the file."""
+    from difflab.checkpoint import CheckpointError
+
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{source}: the stored weights are not a mapping of tensors")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointError(f"{source}: the weights do not fit the network its config describes ({first})") from None
+    bad = [name for name, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{source}: the weights hold NaN or Inf (in {bad[0]}; a diverged run?) — "
+                              "nothing to sample from")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from difflab.commands import arguments
+
 EXAMPLES = """
 examples:
   difflab demo                       # writes demo_out/report.md (about ten minutes on two CPU cores)
@@ -14,7 +16,7 @@ examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", metavar="DIR", help="report folder (default: demo_out)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every training run and sample (default: 0)")
+    p.add_argument("--seed", type=arguments.seed, default=0, help="seed of every training run and sample (default: 0)")
     p.add_argument("--quick", action="store_true", help="a few training steps only: checks the plumbing, not the model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -12,19 +12,22 @@ import json
 import math
 from pathlib import Path
 
+from difflab.commands import arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from difflab.pipeline import SAMPLERS
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'difflab train'")
     p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampler (default: ddim)")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (default: 50)")
-    p.add_argument("--num", type=int, default=1000,
+    p.add_argument("--steps", type=arguments.steps, default=50, help="sampler steps (default: 50)")
+    p.add_argument("--num", type=arguments.count, default=1000,
                    help="samples to draw (default: 1000); with the noise floor at most half the reference set is used")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity, 0 = deterministic (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling and the metrics (default: 0)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per network batch (default: 256)")
-    p.add_argument("--data-path", default=None, help="reference data path, for runs trained on your own files")
+    p.add_argument("--eta", type=arguments.finite_float, default=0.0, help="DDIM stochasticity, 0 = deterministic (default: 0)")
+    p.add_argument("--seed", type=arguments.seed, default=0, help="random seed for sampling and the metrics (default: 0)")
+    p.add_argument("--batch-size", type=arguments.count, default=256, help="samples per network batch (default: 256)")
+    p.add_argument("--data", "--data-path", dest="data_path", metavar="PATH", default=None,
+                   help="your copy of the run's data, for runs trained on your own files (a run's stored path is never read)")
     p.add_argument("--no-floor", action="store_true",
                    help="score all samples against the whole reference, without the real-vs-real noise floor")
     p.add_argument("--out", metavar="FILE.json", default=None, help="write the full result as JSON")

@@ -15,6 +15,8 @@ import inspect
 import re
 from pathlib import Path
 
+from difflab.commands import arguments
+
 
 def experiment_summary(name: str) -> str:
     """The first paragraph of an experiment module's docstring, without its ``Experiment ``name``:`` prefix and
@@ -41,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", default=None,
                    help="where to write report.md, results.json and the figures (default: experiments/NAME)")
     p.add_argument("--quick", action="store_true", help="small sizes: seconds instead of minutes (a smoke test)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: the experiment's own, 0)")
+    p.add_argument("--seed", type=arguments.seed, default=None, help="random seed (default: the experiment's own, 0)")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
 
 

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Optional
+
+from difflab.commands import arguments
 
 GENERATED_SETS = ("two_moons", "swiss_roll", "eight_gaussians", "checkerboard", "mixture")
 """Data sets drawn by a seeded generator (:mod:`difflab.data.toy2d`): held-out data is a fresh draw."""
 EXACT_DIVERGENCE_MAX_DIM = 16
 """Above this many dimensions the default divergence is Hutchinson with :data:`DEFAULT_PROBES` probes."""
 DEFAULT_PROBES = 4
+MAX_PROBES = 1024
 HELD_OUT_SEED_OFFSET = 1_000_003
 """Added to the run's seed for fresh 2-D draws, so held-out points never coincide with the training draw."""
 
@@ -43,34 +47,38 @@ examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'difflab train'")
     p.add_argument("--method", choices=("elbo", "ode"), default="ode", help="estimator (default: ode)")
-    p.add_argument("--num", type=int, default=256, help="held-out examples (default: 256)")
-    p.add_argument("--seed", type=int, default=0, help="which held-out examples, dequantisation and probes (default: 0)")
-    p.add_argument("--probes", type=int, default=None, metavar="K",
+    p.add_argument("--num", type=arguments.count, default=256, help="held-out examples (default: 256)")
+    p.add_argument("--seed", type=arguments.seed, default=0, help="which held-out examples, dequantisation and probes (default: 0)")
+    p.add_argument("--probes", type=arguments.bounded_int(0, MAX_PROBES), default=None, metavar="K",
                    help=f"Hutchinson probes for the ODE divergence; 0 = exact (default: exact for D <= "
                         f"{EXACT_DIVERGENCE_MAX_DIM}, else {DEFAULT_PROBES})")
     p.add_argument("--probe", choices=("rademacher", "gaussian"), default="rademacher", help="Hutchinson probe kind")
     p.add_argument("--solver", choices=("rk45", "rk4", "heun", "euler"), default="rk45",
                    help="ODE solver (default: adaptive rk45)")
-    p.add_argument("--steps", type=int, default=100, help="steps of a fixed-step --solver (default: 100)")
-    p.add_argument("--rtol", type=float, default=1e-5, help="rk45 relative tolerance (default: 1e-5)")
-    p.add_argument("--atol", type=float, default=1e-5, help="rk45 absolute tolerance (default: 1e-5)")
-    p.add_argument("--batch-size", type=int, default=256, help="examples per batch (default: 256)")
+    p.add_argument("--steps", type=arguments.steps, default=100, help="steps of a fixed-step --solver (default: 100)")
+    p.add_argument("--rtol", type=arguments.positive_float, default=1e-5, help="rk45 relative tolerance (default: 1e-5)")
+    p.add_argument("--atol", type=arguments.positive_float, default=1e-5, help="rk45 absolute tolerance (default: 1e-5)")
+    p.add_argument("--batch-size", type=arguments.count, default=256, help="examples per batch (default: 256)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--data", metavar="PATH", default=None,
+                   help="your copy of the run's data, for runs trained on your own files (a run's stored path is never read)")
+    p.add_argument("--device", type=arguments.device, default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def held_out_data(cfg, num: int, seed: int):
-    """``(x, y, note)``: ``num`` examples of the run's data set it did not train on (module docstring)."""
+def held_out_data(cfg, num: int, seed: int, data_path: Optional[str] = None):
+    """``(x, y, note)``: ``num`` examples of the run's data set it did not train on (module docstring); data the
+    run read from files comes from ``data_path`` (the user's ``--data``), never from the run's stored path."""
     import torch
 
     from difflab.data import load_dataset
 
     data = cfg.data
+    path = data.path_for_run(data_path)
     if data.name in GENERATED_SETS:
-        ds = load_dataset(data.name, data.path, num, seed=cfg.train.seed + HELD_OUT_SEED_OFFSET + seed, **data.options)
+        ds = load_dataset(data.name, path, num, seed=cfg.train.seed + HELD_OUT_SEED_OFFSET + seed, **data.options)
         return ds.x, ds.y, "fresh held-out draws"
-    full = load_dataset(data.name, data.path, None, seed=cfg.train.seed, **data.options)
+    full = load_dataset(data.name, path, None, seed=cfg.train.seed, **data.options)
     if data.n is None or data.n >= len(full):
         pool, note = torch.arange(len(full)), "training examples (the run used every example)"
     else:  # the same permutation ArrayDataset.subset drew the training examples from
@@ -96,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--probes must be >= 0, got {args.probes}")
     pipe = load_run(args.run_dir, ema=not args.no_ema, device=args.device)
     cfg = pipe.config
-    x, y, note = held_out_data(cfg, args.num, args.seed)
+    x, y, note = held_out_data(cfg, args.num, args.seed, args.data)
     image = pipe.data_kind == "image"
     dim = math.prod(pipe.data_shape)
     generator = torch.Generator().manual_seed(args.seed)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from difflab.commands import arguments
+
 EXAMPLES = """
 examples:
   difflab reflow runs/moons-flow --out runs/moons-reflow
@@ -25,16 +27,18 @@ examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run on the linear path (difflab train)")
     p.add_argument("--out", required=True, metavar="NEW_RUN_DIR", help="where the reflowed run is written")
-    p.add_argument("--pairs", type=int, default=10000, help="(noise, sample) pairs from the run's ODE (default: 10000)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps on the pairs (default: 2000)")
-    p.add_argument("--pair-steps", type=int, default=50, help="Heun steps of the ODE making the pairs (default: 50)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
-    p.add_argument("--batch-size", type=int, default=256, help="training batch size (default: 256)")
-    p.add_argument("--eval-num", type=int, default=1000, help="noise draws for the measurements (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--pairs", type=arguments.count, default=10000, help="(noise, sample) pairs from the run's ODE (default: 10000)")
+    p.add_argument("--steps", type=arguments.training_steps, default=2000, help="training steps on the pairs (default: 2000)")
+    p.add_argument("--pair-steps", type=arguments.steps, default=50, help="Heun steps of the ODE making the pairs (default: 50)")
+    p.add_argument("--lr", type=arguments.positive_float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    p.add_argument("--batch-size", type=arguments.count, default=256, help="training batch size (default: 256)")
+    p.add_argument("--eval-num", type=arguments.count, default=1000, help="noise draws for the measurements (default: 1000)")
+    p.add_argument("--seed", type=arguments.seed, default=0, help="random seed (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in NEW_RUN_DIR")
     p.add_argument("--no-ema", action="store_true", help="start from the raw weights instead of the EMA weights")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--data", metavar="PATH", default=None,
+                   help="your copy of the run's data, for runs trained on your own files (a run's stored path is never read)")
+    p.add_argument("--device", type=arguments.device, default=None, help="cpu, cuda, ... (default: cuda if available)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"reflow straightens a rectified flow: RUN_DIR must be trained on the linear path "
                          f"(diffusion.path: linear), not {cfg.diffusion.path!r}")
     source_meta = load_checkpoint(args.run_dir, map_location="cpu").meta
-    reference, _, _ = held_out_data(cfg, args.eval_num, args.seed)
+    reference, _, _ = held_out_data(cfg, args.eval_num, args.seed, args.data)
     generator = torch.Generator().manual_seed(args.seed)
     cond = {} if not pipe.num_classes else {"y": pipe.labels(args.pairs).to(pipe.device)}
     result = reflow(pipe.net, pipe.denoiser, pipe.data_shape, args.pairs, args.steps, pair_steps=args.pair_steps,

@@ -27,22 +27,40 @@ them in stored order when ``n`` is None. ``seed`` also seeds the 2-D generators,
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Callable, Optional, Union
 
 import torch
 
 from difflab.data import images, toy2d
 from difflab.data.dataset import ArrayDataset, DataError
+from difflab.limits import MAX_CLASSES
 
 DEFAULT_NUM_POINTS = 10_000
 """Points drawn from a generated 2-D set when ``n`` is not given."""
 
 
 def _check_options(name: str, fn: Callable, opts: dict, fixed: tuple) -> None:
-    allowed = [p for p in inspect.signature(fn).parameters if p not in fixed]
-    unknown = sorted(set(opts) - set(allowed))
+    """Refuse unknown options and values of another type than the option's default (an integer option is a
+    count: 1 to :data:`difflab.limits.MAX_CLASSES`; a float option must be finite)."""
+    params = {k: p for k, p in inspect.signature(fn).parameters.items() if k not in fixed}
+    unknown = sorted(set(opts) - set(params))
     if unknown:
-        raise DataError(f"unknown option(s) {unknown} for data set {name!r}; allowed: {allowed}")
+        raise DataError(f"unknown option(s) {unknown} for data set {name!r}; allowed: {list(params)}")
+    for key, value in opts.items():
+        default = params[key].default
+        where = f"data set {name!r} option {key!r}"
+        if value is None or default is None or default is inspect.Parameter.empty:
+            continue
+        if isinstance(default, bool) or isinstance(default, str):
+            if type(value) is not type(default):
+                raise DataError(f"{where} must be a {type(default).__name__}, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLASSES:
+                raise DataError(f"{where} must be an integer in 1..{MAX_CLASSES}, got {value!r}")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise DataError(f"{where} must be a finite number, got {value!r}")
 
 
 def _generated(name: str, fn: Callable, num_classes: Union[int, Callable[[dict], int]] = 0) -> Callable:

@@ -14,7 +14,6 @@ Pixel values are mapped to ``[-1, 1]`` by :func:`to_unit_range`. Every problem w
 
 from __future__ import annotations
 
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -22,12 +21,16 @@ from typing import Optional
 import numpy as np
 import torch
 
+from difflab.data import restricted_pickle
 from difflab.data.dataset import ArrayDataset, DataError
+from difflab.limits import MAX_CLASSES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 CHANNEL_COUNTS = (1, 3, 4)
 """Channel counts recognised when deciding between NCHW and NHWC layouts."""
 UINT8_MAX = 255.0
+MAX_ARRAY_BYTES = 4 << 30
+"""The largest array read from a user's ``.npz`` archive."""
 DIGITS8_MAX = 16.0
 """scikit-learn's 8×8 digits count pixels on in a 4×4 block: values 0..16."""
 
@@ -86,8 +89,8 @@ def _labels(y: np.ndarray, n: int, source: str):
     y = np.asarray(y)
     if y.shape != (n,) or y.dtype.kind not in "ui":
         raise DataError(f"{source}: labels must be {n} integers, got dtype {y.dtype} and shape {y.shape}")
-    if y.min() < 0:
-        raise DataError(f"{source}: labels must be >= 0, found {int(y.min())}")
+    if y.min() < 0 or y.max() >= MAX_CLASSES:
+        raise DataError(f"{source}: labels must lie in 0..{MAX_CLASSES - 1}, found {int(y.min())}..{int(y.max())}")
     return torch.from_numpy(y.astype(np.int64)), int(y.max()) + 1
 
 
@@ -97,6 +100,8 @@ def _existing(path, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
+    if not (p.is_file() or p.is_dir()):  # a FIFO or device would block or never end
+        raise DataError(f"{p}: not a regular file or folder")
     return p
 
 
@@ -160,7 +165,7 @@ def folder(path, channels: Optional[int] = None) -> ArrayDataset:
                                     f"{size[0]}x{size[1]} of the first image; resize them to one size")
                 single_band &= len(im.getbands()) == 1
                 images.append(im.copy())
-        except (OSError, UnidentifiedImageError) as e:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             raise DataError(f"{f}: cannot read the image ({type(e).__name__})") from None
     c = channels or (1 if single_band else 3)
     mode = "L" if c == 1 else "RGB"
@@ -180,6 +185,8 @@ def _array_dataset(a: np.ndarray, y: Optional[np.ndarray], source: str) -> Array
         if a.dtype.kind not in "uif":
             raise DataError(f"{source}: points must be numbers, got dtype {a.dtype}")
         x, kind = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)), "points"
+        if not torch.isfinite(x).all():
+            raise DataError(f"{source}: the points hold NaN or infinite values (or values beyond float32)")
     else:
         x, kind = to_unit_range(np.ascontiguousarray(to_nchw(a, source)), source), "image"
     if y is None:
@@ -193,6 +200,23 @@ def _load_array(path: Path, source: str):
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{source}: cannot read it as a NumPy file ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def _check_member_size(archive, name: str, source: str) -> None:
+    """Read the ``.npy`` header of ``name`` in a ``.npz`` archive and refuse an array larger than
+    :data:`MAX_ARRAY_BYTES` before it is decompressed (a few compressed bytes can declare gigabytes)."""
+    try:
+        with archive.zip.open(f"{name}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(member)
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise DataError(f"{source}: cannot read the header of array {name!r} ({type(e).__name__})") from None
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > MAX_ARRAY_BYTES:
+        raise DataError(f"{source}: array {name!r} of shape {shape} would take {nbytes:,} bytes "
+                        f"(limit {MAX_ARRAY_BYTES:,})")
 
 
 def npz(path, key: Optional[str] = None, label_key: Optional[str] = None) -> ArrayDataset:
@@ -214,6 +238,9 @@ def npz(path, key: Optional[str] = None, label_key: Optional[str] = None) -> Arr
         if label_key is not None and label_key not in names:
             raise DataError(f"{p}: no label array {label_key!r}; found {names}")
         label_key = label_key or next((k for k in ("y", "labels") if k in names), None)
+        for name in (key, label_key):
+            if name:
+                _check_member_size(archive, name, str(p))
         try:
             a = archive[key]
             y = archive[label_key] if label_key else None
@@ -233,19 +260,26 @@ def npy(path) -> ArrayDataset:
 
 CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 CIFAR10_SHAPE = (3, 32, 32)
+CIFAR10_MAX_BATCH_BYTES = 256 << 20
+"""A CIFAR-10 batch file is about 31 MB (10,000 images of 3,072 bytes)."""
 
 
 def _cifar_batch(f: Path):
     """One CIFAR-10 batch file: a pickled dict with ``b"data"`` ``(M, 3072)`` uint8 and ``b"labels"``.
 
-    The data set is distributed as Python pickles, so it is read with :mod:`pickle` (``encoding="bytes"``,
-    its own format); only load batch files you trust.
+    The data set is distributed as Python pickles; they are read by :mod:`difflab.data.restricted_pickle`,
+    which admits plain data only (dicts, lists, bytes, numbers and numeric NumPy arrays) and calls nothing a
+    file names, so a crafted batch file cannot run code.
     """
     if not f.is_file():
         raise DataError(f"{f}: missing CIFAR-10 batch file")
+    size = f.stat().st_size
+    if size > CIFAR10_MAX_BATCH_BYTES:
+        raise DataError(f"{f}: {size} bytes is too large for a CIFAR-10 batch (limit {CIFAR10_MAX_BATCH_BYTES})")
     try:
-        with open(f, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+        batch = restricted_pickle.loads(f.read_bytes(), encoding="bytes")
+    except restricted_pickle.RestrictedPickleError as e:
+        raise DataError(f"{f}: not a CIFAR-10 batch: the pickle {e}") from None
     except Exception as e:  # a corrupt pickle can raise almost anything
         raise DataError(f"{f}: cannot read the CIFAR-10 batch ({type(e).__name__})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:

@@ -127,7 +127,7 @@ def _reference_data(cfg, data_path: Optional[str]):
     """The reference set for a run: fresh draws (the next seed) for generated point sets, else the data set itself."""
     from difflab.data import load_dataset
 
-    path = data_path or cfg.data.path
+    path = cfg.data.path_for_run(data_path)
     ds = load_dataset(cfg.data.name, path, cfg.data.n, seed=cfg.train.seed, **cfg.data.options)
     if ds.kind == "points" and path is None:  # a generator: held-out points are one seed away
         return load_dataset(cfg.data.name, None, cfg.data.n, seed=cfg.train.seed + 1, **cfg.data.options), \
@@ -158,7 +158,7 @@ def evaluate_run(run_dir, num_samples: int = 1000, sampler: str = "ddim", steps:
     kind = "image" if ds.kind == "image" else "points"
     extra = {}
     if kind == "image":
-        key = cfg.data.name if not (data_path or cfg.data.path) else f"{cfg.data.name}-{Path(data_path or cfg.data.path).name}"
+        key = cfg.data.name if not data_path else f"{cfg.data.name}-{Path(data_path).name}"
         net, info = feature_network(key, ds.x, ds.y, ds.num_classes or None, root=cache_root)
         extra = {"dataset": key, "feature_net": net, "sample_labels": labels, "reference_labels": ds.y}
         feature_info = {k: info[k] for k in ("held_out_accuracy", "cache", "cached") if k in info}

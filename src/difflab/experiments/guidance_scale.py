@@ -74,7 +74,8 @@ def judge_for(cfg: RunConfig):
     from difflab.data import load_dataset
     from difflab.evaluation import feature_network
 
-    ds = load_dataset(cfg.data.name, path=cfg.data.path, n=cfg.data.n, seed=cfg.train.seed, **cfg.data.options)
+    ds = load_dataset(cfg.data.name, path=cfg.data.path_for_run(None), n=cfg.data.n, seed=cfg.train.seed,
+                      **cfg.data.options)
     if ds.kind != "image" or ds.y is None:
         raise ValueError(f"the guidance-scale sweep needs labelled images; {cfg.data.name!r} is not")
     key = cfg.data.name if not cfg.data.path else f"{cfg.data.name}-{Path(cfg.data.path).name}"
@@ -168,7 +169,7 @@ def run(out_dir, run_dir=None, quick: bool = False, seed: int = 0, scales: Optio
     else:
         from difflab.data import load_dataset
 
-        ds = load_dataset(pipe.config.data.name, path=pipe.config.data.path, n=pipe.config.data.n)
+        ds = load_dataset(pipe.config.data.name, path=pipe.config.data.path_for_run(None), n=pipe.config.data.n)
         judge_text = "a classifier trained on the real clean data (given by the caller)"
     judge.eval()
     start = time.perf_counter()
