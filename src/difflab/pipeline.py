@@ -22,7 +22,7 @@ from torch import nn
 from difflab.config import RunConfig, build_path
 from difflab.parameterization import NetworkDenoiser
 from difflab.paths import GaussianPath
-from difflab.samplers import Samples, ddpm_step, sample_chain, sample_ddim, sample_ddpm
+from difflab.samplers import Samples, ddpm_step, discrete_timesteps, sample_chain, sample_ddim, sample_ddpm
 from difflab.samplers.ode import precise_dtype
 
 
@@ -216,11 +216,62 @@ def run_ancestral(denoiser, x: torch.Tensor, steps: int, generator=None, progres
     return sample_ancestral(den, x, uniform_t(den.path, steps), generator=generator, progress=progress, **cond)
 
 
+NESTED_INNER = ("ddim", "euler", "heun", "rk4", "dpmpp2m", "deis")
+"""Inner samplers :func:`run_nested` takes by name (any sampler function plugs into
+:func:`difflab.samplers.nested.sample_nested` directly)."""
+
+
+def run_nested(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, inner: int = 10,
+               inner_sampler: str = "ddim", eta: float = 0.0, anytime: Optional[Callable] = None, **cond) -> Samples:
+    """Nested diffusion (SPEC §5; :mod:`difflab.samplers.nested`): ``steps`` outer DDIM steps (stochasticity
+    ``eta``) whose ``x̂0`` is ``inner_sampler`` (a name of :data:`NESTED_INNER`) run with ``inner`` evaluations from
+    the current state to the clean end; NFE ≈ ``steps × inner``, counted.
+
+    The outer grid is DDIM's (trailing integer steps on a discrete path, :func:`~difflab.samplers.time_grids.uniform_t`
+    on a continuous one). DDIM inner runs stay on the denoiser's own path; the ODE solvers run on
+    :func:`continuous_view`, at the same outer times ``t = k/T``, with ``inner`` evaluations as in
+    :func:`solver_grid` (steps of Heun and RK4 cost 2 and 4) on :func:`~difflab.samplers.nested.sub_grid`.
+    DEIS starts from pure noise (its ``from_pure_noise`` first step) only on the first outer step, at ``t_max``.
+    ``anytime`` is the outer callback, e.g. :class:`~difflab.samplers.nested.AnytimeOutputs`.
+    """
+    from difflab.samplers import nested
+    from difflab.samplers.ode import EVALS_PER_STEP, ODE_SOLVERS
+    from difflab.samplers.time_grids import uniform_t
+
+    if inner_sampler not in NESTED_INNER:
+        raise ValueError(f"unknown inner sampler {inner_sampler!r}; choose one of {', '.join(NESTED_INNER)}")
+    if not isinstance(inner, int) or inner < 1:
+        raise ValueError(f"inner must be a positive integer, got {inner!r}")
+    discrete = getattr(denoiser.path, "discrete", False)
+    den = denoiser if inner_sampler == "ddim" else continuous_view(denoiser)
+    if discrete:
+        outer_grid = discrete_timesteps(denoiser.path.T, steps)
+        outer_grid = outer_grid if den is denoiser else outer_grid.double() / denoiser.path.T
+    else:
+        outer_grid = uniform_t(den.path, steps)
+    if inner_sampler == "ddim":
+        fn, inner_steps = sample_ddim, inner
+    else:
+        fn = _deis_from_state if inner_sampler == "deis" else ODE_SOLVERS[inner_sampler]
+        inner_steps = 1 + (inner - 1) // EVALS_PER_STEP[inner_sampler]
+    return nested.sample_nested(den, x, outer_grid, nested.inner_sampler(fn, inner_steps), eta=eta, generator=generator,
+                                callback=anytime, progress=progress, **cond)
+
+
+def _deis_from_state(denoiser, x: torch.Tensor, timesteps, **options) -> Samples:
+    """DEIS (SPEC §6) on ``timesteps``, with its first-order step from pure noise only where they start at ``t_max``."""
+    from difflab.samplers.ode import sample_deis
+
+    at_prior = float(timesteps[0]) >= float(denoiser.path.t_max)
+    return sample_deis(denoiser, x, timesteps, from_pure_noise=at_prior, **options)
+
+
 DISCRETE_SAMPLERS = ("ddpm", "ddim")  # chains in the state's own dtype; every other sampler is a continuous-time solver
 SAMPLERS: dict[str, Callable[..., Samples]] = {
     "ddpm": run_ddpm, "ddim": run_ddim,
     **{name: _ode_runner(name) for name in ("euler", "heun", "rk4", "dpmpp2m")},
     "deis": run_deis, "rk45": run_rk45, "sde": run_sde, "pc": run_pc, "ancestral": run_ancestral,
+    "nested": run_nested,
 }
 """Sampler name -> ``fn(denoiser, x_T, steps, generator=, progress=, **options, **cond) -> Samples``."""
 
