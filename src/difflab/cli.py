@@ -106,7 +106,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_nested_arguments(p: argparse.ArgumentParser) -> None:
-    from difflab.pipeline import NESTED_INNER
+    from difflab.pipeline import NESTED_INNER, NESTED_INNER_ETA
 
     g = p.add_argument_group("nested diffusion, anytime sampling (--sampler nested; SPEC §5)")
     g.add_argument("--outer", type=int, default=None, metavar="N",
@@ -115,6 +115,8 @@ def add_nested_arguments(p: argparse.ArgumentParser) -> None:
                    help="network evaluations of each inner run to the clean end (default: 10); NFE = N × M")
     g.add_argument("--inner-sampler", choices=list(NESTED_INNER), default=None,
                    help="the inner sampler (default: ddim)")
+    g.add_argument("--inner-eta", type=float, default=None, metavar="η",
+                   help=f"stochasticity of the ddim inner sampler (default: {NESTED_INNER_ETA}, Elata et al.'s)")
     g.add_argument("--anytime-out", metavar="DIR", default=None,
                    help="also save the anytime output after every outer step into DIR (PNGs, or .npz with --out *.npz)")
 
@@ -123,7 +125,7 @@ def nested_options(args: argparse.Namespace) -> dict:
     """``pipe.sample`` options of ``--sampler nested`` (``steps`` = the outer steps); the nested flags are refused
     with any other sampler."""
     flags = {"--outer": args.outer, "--inner": args.inner, "--inner-sampler": args.inner_sampler,
-             "--anytime-out": args.anytime_out}
+             "--inner-eta": args.inner_eta, "--anytime-out": args.anytime_out}
     given = [flag for flag, value in flags.items() if value is not None]
     if args.sampler != "nested":
         if given:
@@ -131,6 +133,8 @@ def nested_options(args: argparse.Namespace) -> dict:
         return {}
     options = {"steps": 10 if args.outer is None else args.outer, "inner": 10 if args.inner is None else args.inner,
                "inner_sampler": args.inner_sampler or "ddim"}
+    if args.inner_eta is not None:
+        options["inner_eta"] = args.inner_eta
     if options["steps"] < 1 or options["inner"] < 1:
         raise ValueError("--outer and --inner must be >= 1")
     if args.anytime_out is not None:
