@@ -9,10 +9,12 @@ import torch
 
 from difflab import DiscretePath, VPPath
 from difflab.cli import main
+from difflab.experiments.nested import gaussian_oracle
 from difflab.guidance import exact_cfg
 from difflab.pipeline import generate
 from difflab.samplers import discrete_timesteps, sample_ddim
-from difflab.samplers.nested import AnytimeOutputs, inner_sampler, oracle_inner, sample_nested, sub_grid
+from difflab.samplers.nested import DEFAULT_SPLITS, AnytimeOutputs, default_split, inner_sampler, oracle_inner, \
+    sample_nested, sub_grid
 from difflab.samplers.ode import sample_deis, sample_dpmpp_2m, sample_euler, sample_heun
 from difflab.samplers.time_grids import uniform_t
 from difflab.testbeds import affine_pushforward, fit_gaussian
@@ -115,21 +117,6 @@ def test_a_stochastic_inner_run_improves_every_anytime_output(bed16, linear_path
     assert all(later < earlier for earlier, later in zip(kls, kls[1:])) and kls[-1] < 0.1, kls
 
 
-def gaussian_oracle(bed, path):
-    """Exact draws from ``q(x0 | x_t)`` on a single-Gaussian bed (SPEC §1 product of Gaussians): with
-    ``Σ = U Λ Uᵀ`` and ``C = a²Σ + s²I``, the posterior is ``N(μ + aΣC⁻¹(x − aμ), s²ΣC⁻¹)``, diagonal in ``U``."""
-    mu, lam, U = bed.means[0], bed.eigvals[0], bed.eigvecs[0]
-
-    def oracle(x_t, t, generator=None, **cond):
-        a, s = path.coefficients_at(t)
-        c = a**2 * lam + s**2
-        z = torch.randn(x_t.shape, generator=generator, dtype=torch.float64)
-        coords = (a * lam / c) * ((x_t.double() - a * mu) @ U) + torch.sqrt(s**2 * lam / c) * z
-        return mu + coords @ U.T
-
-    return oracle
-
-
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_oracle_inner_gives_exactly_distributed_anytime_outputs(bed16, eta):
     """With exact posterior draws as the inner sampler every outer state has the exact marginal p_t, for any η (the
@@ -184,6 +171,14 @@ def test_sub_grids_run_from_the_outer_time_to_the_clean_end(linear_path):
     assert sub_grid(path, 0.5, 1).tolist() == [0.5, 0.0]
 
 
+def test_default_split_follows_the_measured_table():
+    for budget, (outer, inner) in DEFAULT_SPLITS.items():
+        assert default_split(budget) == (outer, inner) and outer * inner == budget
+    for budget in (1, 7, 33, 1000):
+        outer, inner = default_split(budget)
+        assert 1 <= outer <= budget and outer * inner <= budget and inner >= 1
+
+
 def test_cli_nested_with_anytime_outputs_and_guidance(capsys, tmp_path):
     """``difflab sample --sampler nested``: NFE = outer × inner (× 2 guided), one anytime file per outer step."""
     run = tmp_path / "run"
@@ -206,6 +201,10 @@ def test_cli_nested_with_anytime_outputs_and_guidance(capsys, tmp_path):
     assert code == 0, err
     assert "12 network evaluations" in out
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["step_000_nfe_6.png", "step_001_nfe_12.png"]
+    code = main(["sample", str(run), "--sampler", "nested", "--steps", "20", "--num", "4", "--out",
+                 str(tmp_path / "budget.npz"), "--quiet"])
+    assert code == 0 and int(np.load(tmp_path / "budget.npz")["nfe"]) == np.prod(default_split(20))
+    capsys.readouterr()
     code = main(["sample", str(run), "--outer", "3", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert code == 2 and "--outer applies to --sampler nested only" in err and err.count("\n") == 1

@@ -110,9 +110,11 @@ def add_nested_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("nested diffusion, anytime sampling (--sampler nested; SPEC §5)")
     g.add_argument("--outer", type=int, default=None, metavar="N",
-                   help="outer DDIM steps (η = --eta), each giving a finished sample (default: 10; replaces --steps)")
+                   help="outer DDIM steps (η = --eta), each giving a finished sample; NFE = N × M (default: the "
+                        "measured split of the budget --steps, or --steps // M)")
     g.add_argument("--inner", type=int, default=None, metavar="M",
-                   help="network evaluations of each inner run to the clean end (default: 10); NFE = N × M")
+                   help="network evaluations of each inner run to the clean end (default: the measured split of "
+                        "--steps, or --steps // N)")
     g.add_argument("--inner-sampler", choices=list(NESTED_INNER), default=None,
                    help="the inner sampler (default: ddim)")
     g.add_argument("--inner-eta", type=float, default=None, metavar="η",
@@ -122,8 +124,9 @@ def add_nested_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def nested_options(args: argparse.Namespace) -> dict:
-    """``pipe.sample`` options of ``--sampler nested`` (``steps`` = the outer steps); the nested flags are refused
-    with any other sampler."""
+    """``pipe.sample`` options of ``--sampler nested`` (``steps`` = the outer steps; without ``--outer``/``--inner`` the
+    budget ``--steps`` is split by :func:`~difflab.samplers.nested.default_split`); the nested flags are refused with
+    any other sampler."""
     flags = {"--outer": args.outer, "--inner": args.inner, "--inner-sampler": args.inner_sampler,
              "--inner-eta": args.inner_eta, "--anytime-out": args.anytime_out}
     given = [flag for flag, value in flags.items() if value is not None]
@@ -131,12 +134,20 @@ def nested_options(args: argparse.Namespace) -> dict:
         if given:
             raise ValueError(f"{given[0]} applies to --sampler nested only")
         return {}
-    options = {"steps": 10 if args.outer is None else args.outer, "inner": 10 if args.inner is None else args.inner,
-               "inner_sampler": args.inner_sampler or "ddim"}
+    from difflab.samplers.nested import default_split
+
+    outer, inner = args.outer, args.inner
+    if (outer is not None and outer < 1) or (inner is not None and inner < 1):
+        raise ValueError("--outer and --inner must be >= 1")
+    if outer is None and inner is None:
+        outer, inner = default_split(args.steps)
+    elif outer is None:
+        outer = max(1, args.steps // inner)
+    elif inner is None:
+        inner = max(1, args.steps // outer)
+    options = {"steps": outer, "inner": inner, "inner_sampler": args.inner_sampler or "ddim"}
     if args.inner_eta is not None:
         options["inner_eta"] = args.inner_eta
-    if options["steps"] < 1 or options["inner"] < 1:
-        raise ValueError("--outer and --inner must be >= 1")
     if args.anytime_out is not None:
         from difflab.samplers.nested import AnytimeOutputs
 

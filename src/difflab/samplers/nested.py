@@ -154,6 +154,24 @@ def oracle_inner(oracle: OracleSampler) -> InnerSampler:
     return inner
 
 
+# The split (outer steps, inner evaluations) per budget of network evaluations, chosen by ``difflab experiment nested``
+# on a selection Gaussian bed (covariance seed 1) by the final output's KL: see
+# benchmarks/results/experiments/nested/report.md ("The split per budget").
+DEFAULT_SPLITS: dict = {20: (4, 5), 50: (5, 10), 100: (5, 20)}
+
+
+def default_split(nfe: int) -> tuple:
+    """``(outer, inner)`` for a budget of ``nfe`` evaluations: :data:`DEFAULT_SPLITS` at its budgets; otherwise the
+    outer step count of the nearest budget there (at most ``nfe``) and ``inner = nfe // outer``."""
+    if not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"the budget must be a positive integer, got {nfe!r}")
+    if nfe in DEFAULT_SPLITS:
+        return DEFAULT_SPLITS[nfe]
+    nearest = min(DEFAULT_SPLITS, key=lambda b: (abs(b - nfe), b))
+    outer = min(DEFAULT_SPLITS[nearest][0], nfe)
+    return outer, nfe // outer
+
+
 class AnytimeOutputs:
     """A :func:`sample_nested` callback that keeps every anytime output (on the CPU, in its dtype), across batches.
 
