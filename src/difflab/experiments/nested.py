@@ -216,7 +216,8 @@ def measure(report: Report, subject: Subject, splits, full_nfe, key: str, note: 
         series[label] = ([r["NFE"] for r in full], [r[metric] for r in full])
     figure = f"anytime_{key}.png"
     line_plot(report.path(figure), series, "network evaluations per sample (NFE)", f"{metric} (lower is better)",
-              f"{subject.name}: anytime output vs NFE", logy=True, hlines={"noise floor": floor})
+              f"{subject.name}: anytime output vs NFE", logy=True, hlines={"noise floor": floor},
+              legend={"fontsize": "x-small", "ncol": 2, "framealpha": 0.6})
     report.image(figure, f"{metric} of the anytime output after every outer step, the plain x̂0 along one run, and full "
                          f"runs of equal NFE; dashed: the noise floor")
     summary = [r for r in rows if r["outer step"] == "" and r["method"].endswith("full run")]
