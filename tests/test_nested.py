@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from difflab import DiscretePath, VPPath
+from difflab import DiscretePath, LinearPath, VPPath, gaussian_bed
 from difflab.cli import main
 from difflab.experiments.nested import gaussian_oracle
 from difflab.guidance import exact_cfg
-from difflab.pipeline import generate
+from difflab.pipeline import NESTED_INNER, generate
 from difflab.samplers import discrete_timesteps, sample_ddim
 from difflab.samplers.nested import DEFAULT_SPLITS, AnytimeOutputs, default_split, inner_sampler, oracle_inner, \
     sample_nested, sub_grid
@@ -169,6 +169,18 @@ def test_sub_grids_run_from_the_outer_time_to_the_clean_end(linear_path):
     assert grid.numel() == 6 and grid[0] == 0.5 and grid[-2] == path.t_min and grid[-1] == 0.0
     assert (grid[:-1] > grid[1:]).all()
     assert sub_grid(path, 0.5, 1).tolist() == [0.5, 0.0]
+    grid = sub_grid(LinearPath(), 1.0, 4)  # a = 0 at t_max (σ̄ = ∞), and the clean end is t_min itself
+    assert grid.numel() == 5 and grid[0] == 1.0 and grid[-1] == 0.0 and (grid[:-1] > grid[1:]).all()
+
+
+@pytest.mark.parametrize("path", [DiscretePath.from_schedule("cosine", T=100), VPPath(), LinearPath()],
+                         ids=["discrete", "vp", "linear"])
+@pytest.mark.parametrize("inner", NESTED_INNER)
+def test_every_named_inner_sampler_runs_on_every_path(path, inner):
+    """The pipeline's nested sampler by name: finite samples, NFE at most outer × inner (Heun/RK4 steps cost 2/4)."""
+    den = gaussian_bed(4, 10.0, seed=0).denoiser(path)
+    out = generate(den, (4,), 50, "nested", 3, torch.Generator().manual_seed(0), inner=5, inner_sampler=inner)
+    assert torch.isfinite(out.x).all() and 3 <= out.nfe <= 15
 
 
 def test_default_split_follows_the_measured_table():

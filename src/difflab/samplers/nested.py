@@ -102,7 +102,8 @@ def sub_grid(path, t, steps: int) -> torch.Tensor:
 
     - discrete path: :func:`~difflab.samplers.grids.discrete_timesteps` ``(t, steps, "trailing")`` — integer steps
       ``t, …, 0``, with at most ``t`` transitions;
-    - continuous path: ``t``, then noise levels evenly spaced in log-SNR down to ``σ̄(t_min)``
+    - continuous path: ``t``, then noise levels evenly spaced in log-SNR from ``σ̄(t)`` (capped at
+      :func:`~difflab.samplers.time_grids.noise_range`'s ``σ̄_max`` where ``a(t) = 0``) down to ``σ̄(t_min)``
       (:func:`~difflab.samplers.time_grids.log_snr_sigmas`), then the clean end (where the path has one; the
       solvers' last step onto it returns ``x̂0``).
     """
@@ -114,14 +115,16 @@ def sub_grid(path, t, steps: int) -> torch.Tensor:
     t = float(t)
     clean = path.clean_time()
     tail = [clean] if clean is not None and clean < t else []
-    sigma_min, _ = noise_range(path)
-    sigma_t = float(path.sigma_bar(torch.tensor(t, dtype=torch.float64)))
+    sigma_min, sigma_max = noise_range(path)
+    sigma_t = min(float(path.sigma_bar(torch.tensor(t, dtype=torch.float64))), sigma_max)  # σ̄ = ∞ where a = 0
     n = steps + 1 - len(tail)  # noise-level knots, t itself included
     if n <= 1 or t <= float(path.t_min) or sigma_t <= sigma_min:
         knots = torch.tensor([t], dtype=torch.float64)
     else:
         knots = path.t_from_sigma_bar(log_snr_sigmas(sigma_t, sigma_min, n))
-        knots[0], knots[-1] = t, float(path.t_min)  # the ends exactly (the inverse is exact only to rounding)
+        knots[0] = t  # the ends exactly (the inverse is exact only to rounding)
+        if sigma_min == float(path.sigma_bar(torch.tensor(float(path.t_min), dtype=torch.float64))):
+            knots[-1] = float(path.t_min)
     return torch.cat([knots, torch.tensor(tail, dtype=torch.float64)])
 
 
