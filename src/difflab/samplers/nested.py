@@ -160,7 +160,7 @@ def oracle_inner(oracle: OracleSampler) -> InnerSampler:
 # The split (outer steps, inner evaluations) per budget of network evaluations, chosen by ``difflab experiment nested``
 # on a selection Gaussian bed (covariance seed 1) by the final output's KL: see
 # benchmarks/results/experiments/nested/report.md ("The split per budget").
-DEFAULT_SPLITS: dict = {20: (4, 5), 50: (5, 10), 100: (5, 20)}
+DEFAULT_SPLITS: dict = {20: (10, 2), 50: (5, 10), 100: (4, 25)}
 
 
 def default_split(nfe: int) -> tuple:
