@@ -370,6 +370,9 @@ sample_case("--classifier-scale nan", "--classifier-scale", "nan", run="cond", e
 sample_case("--class 99", "--class", "99", run="cond", expect="class")
 sample_case("--class -2", "--class=-2", run="cond", expect="class")
 sample_case("--class 10**12", "--class", str(10**12), run="cond", expect="--class")
+sample_case("nested --inner-eta nan", "--sampler", "nested", "--inner-eta", "nan", expect="--inner-eta")
+sample_case("nested --outer 0", "--sampler", "nested", "--outer", "0", expect="--outer")
+sample_case("nested --inner 10**9", "--sampler", "nested", "--inner", str(10**9), expect="--inner")
 sample_case("--classifier missing", "--classifier", "{folder}/nope", run="cond", expect="no classifier")
 
 

@@ -104,6 +104,57 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="a noise-conditional classifier written by 'difflab train-classifier' for classifier guidance")
     g.add_argument("--classifier-scale", type=arguments.finite_float, default=None, metavar="W",
                    help="classifier-guidance weight w (default with --classifier: 1)")
+    add_nested_arguments(p)
+
+
+def add_nested_arguments(p: argparse.ArgumentParser) -> None:
+    from difflab.pipeline import NESTED_INNER, NESTED_INNER_ETA
+
+    g = p.add_argument_group("nested diffusion, anytime sampling (--sampler nested; SPEC §5)")
+    g.add_argument("--outer", type=arguments.steps, default=None, metavar="N",
+                   help="outer DDIM steps (η = --eta), each giving a finished sample; NFE = N × M (default: the "
+                        "measured split of the budget --steps, or --steps // M)")
+    g.add_argument("--inner", type=arguments.steps, default=None, metavar="M",
+                   help="network evaluations of each inner run to the clean end (default: the measured split of "
+                        "--steps, or --steps // N)")
+    g.add_argument("--inner-sampler", choices=list(NESTED_INNER), default=None,
+                   help="the inner sampler (default: ddim)")
+    g.add_argument("--inner-eta", type=arguments.finite_float, default=None, metavar="η",
+                   help=f"stochasticity of the ddim inner sampler (default: {NESTED_INNER_ETA}, Elata et al.'s)")
+    g.add_argument("--anytime-out", metavar="DIR", default=None,
+                   help="also save the anytime output after every outer step into DIR (PNGs, or .npz with --out *.npz)")
+
+
+def nested_options(args: argparse.Namespace) -> dict:
+    """``pipe.sample`` options of ``--sampler nested`` (``steps`` = the outer steps; without ``--outer``/``--inner`` the
+    budget ``--steps`` is split by :func:`~difflab.samplers.nested.default_split`); the nested flags are refused with
+    any other sampler."""
+    flags = {"--outer": args.outer, "--inner": args.inner, "--inner-sampler": args.inner_sampler,
+             "--inner-eta": args.inner_eta, "--anytime-out": args.anytime_out}
+    given = [flag for flag, value in flags.items() if value is not None]
+    if args.sampler != "nested":
+        if given:
+            raise ValueError(f"{given[0]} applies to --sampler nested only")
+        return {}
+    from difflab.samplers.nested import default_split
+
+    outer, inner = args.outer, args.inner
+    if (outer is not None and outer < 1) or (inner is not None and inner < 1):
+        raise ValueError("--outer and --inner must be >= 1")
+    if outer is None and inner is None:
+        outer, inner = default_split(args.steps)
+    elif outer is None:
+        outer = max(1, args.steps // inner)
+    elif inner is None:
+        inner = max(1, args.steps // outer)
+    options = {"steps": outer, "inner": inner, "inner_sampler": args.inner_sampler or "ddim"}
+    if args.inner_eta is not None:
+        options["inner_eta"] = args.inner_eta
+    if args.anytime_out is not None:
+        from difflab.samplers.nested import AnytimeOutputs
+
+        options["anytime"] = AnytimeOutputs()
+    return options
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -137,12 +188,17 @@ def run_sample(args: argparse.Namespace) -> int:
                 "guidance_interval": None if args.guidance_interval is None else tuple(args.guidance_interval),
                 "classifier": classifier,
                 "classifier_scale": 1.0 if args.classifier_scale is None else args.classifier_scale}
-    samples = pipe.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, y=y,
-                          batch_size=args.batch_size, progress=not args.quiet, **guidance)
+    nested = nested_options(args)
+    samples = pipe.sample(args.num, sampler=args.sampler, steps=nested.pop("steps", args.steps), eta=args.eta,
+                          seed=args.seed, y=y, batch_size=args.batch_size, progress=not args.quiet, **nested, **guidance)
     bad = int((~torch.isfinite(samples.x.reshape(args.num, -1))).any(dim=1).sum())
     if bad:
         raise ValueError(f"{bad} of {args.num} samples hold NaN or Inf ({args.sampler}, {samples.nfe} evaluations): "
                          f"the sampler diverged on this model; nothing written to {out}")
+    if "anytime" in nested:
+        kind = "npz" if out.suffix == ".npz" else ("grid" if image else "scatter")
+        saved = nested["anytime"].save(args.anytime_out, kind)
+        print(f"difflab: wrote {len(saved)} anytime outputs (one per outer step) to {args.anytime_out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
         arrays = {"x": samples.x.numpy(), "nfe": np.array(samples.nfe)}
@@ -167,6 +223,7 @@ examples:
   difflab sample runs/digits8 --class 7 --guidance-scale 3 --num 64 --out sevens.png
   difflab sample runs/digits8 --guidance-scale 3 --guidance-interval 0 600 --guidance-rescale 0.7 --out cfg.png
   difflab sample runs/digits8 --class 7 --classifier runs/digits8-classifier --classifier-scale 2 --out sevens.png
+  difflab sample runs/digits8 --sampler nested --outer 10 --inner 10 --inner-sampler deis --anytime-out anytime/ --out nested.png
 """
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from difflab.config import RunConfig, build_path
 from difflab.parameterization import NetworkDenoiser
 from difflab.paths import GaussianPath
-from difflab.samplers import Samples, ddpm_step, sample_chain, sample_ddim, sample_ddpm
+from difflab.samplers import Samples, ddpm_step, discrete_timesteps, sample_chain, sample_ddim, sample_ddpm
 from difflab.samplers.ode import precise_dtype
 
 
@@ -231,11 +231,78 @@ def run_ancestral(denoiser, x: torch.Tensor, steps: int, generator=None, progres
 
 MAX_OUTPUT_VALUES = 1 << 28
 """Values one :func:`generate` call may return (1 GiB in float32; x_T is drawn in float64 for the ODE solvers)."""
+
+
+NESTED_INNER = ("ddim", "sde", "euler", "heun", "rk4", "dpmpp2m", "deis")
+"""Inner samplers :func:`run_nested` takes by name (any sampler function plugs into
+:func:`difflab.samplers.nested.sample_nested` directly)."""
+
+NESTED_INNER_ETA = 0.85
+"""The inner DDIM's default η: Elata et al.'s (their code's ``inner_eta``). The inner run should be a draw from
+``q(x0 | x_t)``; a deterministic one (η = 0, the ODE solvers) returns a point, and the outer states drift away from
+``p_t`` (exact KL on the Gaussian bed: :mod:`difflab.samplers.nested`)."""
+
+
+def run_nested(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, inner: int = 10,
+               inner_sampler: str = "ddim", inner_eta: Optional[float] = None, eta: float = 0.0,
+               anytime: Optional[Callable] = None, **cond) -> Samples:
+    """Nested diffusion (SPEC §5; :mod:`difflab.samplers.nested`): ``steps`` outer DDIM steps (stochasticity
+    ``eta``) whose ``x̂0`` is ``inner_sampler`` (a name of :data:`NESTED_INNER`) run with ``inner`` evaluations from
+    the current state to the clean end; NFE ≈ ``steps × inner``, counted.
+
+    The outer grid is DDIM's (trailing integer steps on a discrete path, :func:`~difflab.samplers.time_grids.uniform_t`
+    on a continuous one). The DDIM inner run (η = ``inner_eta``, default :data:`NESTED_INNER_ETA`) stays on the
+    denoiser's own path; Euler–Maruyama (``sde``) and the ODE solvers run on :func:`continuous_view`, at the same
+    outer times ``t = k/T``, with ``inner`` evaluations as in :func:`solver_grid` (steps of Heun and RK4 cost 2 and 4)
+    on :func:`~difflab.samplers.nested.sub_grid`. DEIS starts from pure noise (its ``from_pure_noise`` first step)
+    only on the first outer step, at ``t_max``. ``anytime`` is the outer callback, e.g.
+    :class:`~difflab.samplers.nested.AnytimeOutputs`.
+    """
+    from difflab.samplers import nested
+    from difflab.samplers.ode import EVALS_PER_STEP, ODE_SOLVERS
+    from difflab.samplers.sde import sample_euler_maruyama
+    from difflab.samplers.time_grids import uniform_t
+
+    if inner_sampler not in NESTED_INNER:
+        raise ValueError(f"unknown inner sampler {inner_sampler!r}; choose one of {', '.join(NESTED_INNER)}")
+    if not isinstance(inner, int) or inner < 1:
+        raise ValueError(f"inner must be a positive integer, got {inner!r}")
+    if inner_eta is not None and inner_sampler != "ddim":
+        raise ValueError(f"inner_eta applies to the ddim inner sampler only, not {inner_sampler!r}")
+    discrete = getattr(denoiser.path, "discrete", False)
+    den = denoiser if inner_sampler == "ddim" else continuous_view(denoiser)
+    if discrete:
+        outer_grid = discrete_timesteps(denoiser.path.T, steps)
+        outer_grid = outer_grid if den is denoiser else outer_grid.double() / denoiser.path.T
+    else:
+        outer_grid = uniform_t(den.path, steps)
+    options = {}
+    if inner_sampler == "ddim":
+        fn, inner_steps = sample_ddim, inner
+        options["eta"] = NESTED_INNER_ETA if inner_eta is None else inner_eta
+    elif inner_sampler == "sde":
+        fn, inner_steps = sample_euler_maruyama, inner
+    else:
+        fn = _deis_from_state if inner_sampler == "deis" else ODE_SOLVERS[inner_sampler]
+        inner_steps = 1 + (inner - 1) // EVALS_PER_STEP[inner_sampler]
+    return nested.sample_nested(den, x, outer_grid, nested.inner_sampler(fn, inner_steps, **options), eta=eta,
+                                generator=generator, callback=anytime, progress=progress, **cond)
+
+
+def _deis_from_state(denoiser, x: torch.Tensor, timesteps, **options) -> Samples:
+    """DEIS (SPEC §6) on ``timesteps``, with its first-order step from pure noise only where they start at ``t_max``."""
+    from difflab.samplers.ode import sample_deis
+
+    at_prior = float(timesteps[0]) >= float(denoiser.path.t_max)
+    return sample_deis(denoiser, x, timesteps, from_pure_noise=at_prior, **options)
+
+
 DISCRETE_SAMPLERS = ("ddpm", "ddim")  # chains in the state's own dtype; every other sampler is a continuous-time solver
 SAMPLERS: dict[str, Callable[..., Samples]] = {
     "ddpm": run_ddpm, "ddim": run_ddim,
     **{name: _ode_runner(name) for name in ("euler", "heun", "rk4", "dpmpp2m")},
     "deis": run_deis, "rk45": run_rk45, "sde": run_sde, "pc": run_pc, "ancestral": run_ancestral,
+    "nested": run_nested,
 }
 """Sampler name -> ``fn(denoiser, x_T, steps, generator=, progress=, **options, **cond) -> Samples``."""
 

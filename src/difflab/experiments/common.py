@@ -185,8 +185,10 @@ def series_by(rows: Sequence[dict], group: str, x: str, y: str, labels: Optional
 
 
 def line_plot(out: Path, series: dict, xlabel: str, ylabel: str, title: str, logx: bool = False,
-              logy: bool = False, hlines: Optional[dict] = None, markers: bool = True) -> Path:
-    """One axes: ``series`` maps a label to ``(x, y)``; ``hlines`` maps a label to a horizontal reference value."""
+              logy: bool = False, hlines: Optional[dict] = None, markers: bool = True,
+              legend: Optional[dict] = None) -> Path:
+    """One axes: ``series`` maps a label to ``(x, y)``; ``hlines`` maps a label to a horizontal reference value;
+    ``legend``: keyword arguments for the legend (e.g. ``ncol``, ``loc``)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.2))
@@ -203,7 +205,7 @@ def line_plot(out: Path, series: dict, xlabel: str, ylabel: str, title: str, log
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
+    ax.legend(**{"fontsize": "small", **(legend or {})})
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)  # fixed margins: tight_layout costs seconds
     fig.savefig(out, dpi=120)
     return out
