@@ -149,9 +149,14 @@ class MixtureBatch:
         return kl * scale, mass * scale
 
 
+def _time(t, device) -> torch.Tensor:
+    """A time as a tensor; a Python float becomes float64 (not torch's default float32)."""
+    return torch.as_tensor(t, dtype=torch.float64 if isinstance(t, float) else None, device=device)
+
+
 def _components(bed: GaussianMixtureBed, path: GaussianPath, x_t: torch.Tensor, t, y=None):
-    """``(log r (B, K), m (B, K, D), posterior eigenvalues (B, K, D), a, s)`` of ``q(x0 | x_t)`` (module docstring)."""
-    t = torch.as_tensor(t, device=x_t.device)
+    """``(log r (B, K), m (B, K, D), posterior eigenvalues (B, K, D), flat x_t)`` of ``q(x0 | x_t)`` (module docstring)."""
+    t = _time(t, x_t.device)
     xf, a, s = bed._prep(x_t, path.a(t), path.s(t))
     logp, cinv_diff, a3, _, _ = bed._component_terms(xf, a, s)
     log_r = torch.log(bed._responsibilities(logp, y).clamp(min=1e-300))
@@ -172,9 +177,8 @@ def reverse_kernel(bed: GaussianMixtureBed, path: GaussianPath, x_t: torch.Tenso
     """The true reverse kernel ``q(x_{t'} | x_t)`` (or ``q(x_{t'} | x_t, y)``) for ``t' = t_prev < t`` on ``path``:
     the posterior mixture pushed through the path's ``q(x_{t'} | x_t, x0) = N(c_x0 x0 + c_xt x_t, v I)`` (SPEC §2)."""
     log_r, m, post, xf = _components(bed, path, x_t, t, y)
-    t = torch.as_tensor(t, device=xf.device)
     c_x0, c_xt, var = (c.expand(xf.shape[0]).reshape(-1, 1, 1) if c.ndim == 0 else c.reshape(-1, 1, 1)
-                       for c in path.posterior_coefficients(t, torch.as_tensor(t_prev, device=xf.device)))
+                       for c in path.posterior_coefficients(_time(t, xf.device), _time(t_prev, xf.device)))
     means = c_x0 * m + c_xt * xf.unsqueeze(1)
     return MixtureBatch(log_r, means, bed.eigvecs, c_x0**2 * post + var, bed.shape)
 
@@ -211,7 +215,7 @@ class X0DrawDenoiser:
 
     def __call__(self, x: torch.Tensor, t, **cond) -> Prediction:
         x0 = self.x0_sampler(x, t, self.generator, **cond)
-        t = torch.as_tensor(t, device=x.device)
+        t = _time(t, x.device)
         return Prediction(x0, (x - bcast(self.path.a(t), x) * x0) / bcast(self.path.s(t), x))
 
 
