@@ -14,4 +14,5 @@ EXPERIMENTS: dict[str, str] = {
     "guidance-scale": "guidance_scale",
     "guidance-tilted": "guidance_tilted",
     "nested": "nested",
+    "reverse-kernel": "reverse_kernel",
 }

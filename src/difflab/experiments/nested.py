@@ -7,7 +7,7 @@ Subjects, each scored by one metric next to its noise floor:
 1. **Exact 16-D Gaussian bed** (condition number 100, linear schedule, T = 1000): KL of a Gaussian fitted to the
    samples against the data (the outputs of every sampler here are Gaussian: affine in Gaussian draws), with its
    floor (the same estimate for as many exact data samples). Also the *oracle* inner sampler (exact posterior draws
-   ``q(x0 | x_t)``, :func:`gaussian_oracle`): its anytime outputs are exactly distributed, so they sit at the floor.
+   ``q(x0 | x_t)``, :func:`difflab.exact_kernels.oracle_x0_sampler`): its anytime outputs are exactly distributed, so they sit at the floor.
 2. **Exact 2-D mixture bed** (four classes on a circle): sliced W2 to exact samples, floor real vs real.
 3. **A trained model** (``run_dir``, or the built-in two-moons run): the data kind's headline metric (FD-<dataset> for
    images) against the data set.
@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
+from difflab.exact_kernels import oracle_x0_sampler
 from difflab.experiments.common import Reference, line_plot, provenance, quality, reference_for, trained_or_built_in
 from difflab.experiments.report import Report
 
@@ -40,24 +41,6 @@ BUDGET_CANDIDATES = {20: ((2, 10), (4, 5), (5, 4), (10, 2)),
                      100: ((2, 50), (4, 25), (5, 20), (10, 10), (20, 5))}
 QUICK_BUDGET_CANDIDATES = {20: ((2, 10), (4, 5))}
 BED_T = 1000
-
-
-def gaussian_oracle(bed, path) -> Callable:
-    """An exact posterior sampler (:data:`difflab.samplers.nested.OracleSampler`) for a single-Gaussian bed (SPEC §1,
-    product of Gaussians): with ``Σ = U Λ Uᵀ`` and ``C = a²Σ + s²I``, ``q(x0 | x_t) = N(μ + aΣC⁻¹(x_t − aμ), s²ΣC⁻¹)``,
-    diagonal in ``U``. (The mixture beds' exact posterior draws come with :mod:`difflab.exact_kernels`.)"""
-    if bed.K != 1:
-        raise ValueError("gaussian_oracle needs a single-Gaussian bed")
-    mu, lam, U = bed.means[0], bed.eigvals[0], bed.eigvecs[0]
-
-    def oracle(x_t: torch.Tensor, t, generator: Optional[torch.Generator] = None, **cond) -> torch.Tensor:
-        a, s = path.coefficients_at(t)
-        c = a**2 * lam + s**2
-        z = torch.randn(x_t.shape, generator=generator, dtype=torch.float64)
-        coords = (a * lam / c) * ((x_t.double() - a * mu) @ U) + torch.sqrt(s**2 * lam / c) * z
-        return (mu + coords @ U.T).to(x_t.dtype)
-
-    return oracle
 
 
 @dataclass
@@ -181,7 +164,7 @@ def oracle_rows(subject: Subject, bed, outer: int, seed: int) -> list:
     anytime = AnytimeOutputs()
     path = subject.denoiser.path
     sample_nested(subject.denoiser, subject.x_T, discrete_timesteps(path.T, outer),
-                  oracle_inner(gaussian_oracle(bed, path)), generator=torch.Generator().manual_seed(seed),
+                  oracle_inner(oracle_x0_sampler(bed, path)), generator=torch.Generator().manual_seed(seed),
                   callback=anytime)
     rows = []
     for i, nfe, x in anytime.outputs():
