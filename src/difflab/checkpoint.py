@@ -2,7 +2,7 @@
 
 Layout inside a run directory::
 
-    checkpoints/step_00000100.safetensors   model.*, ema.*, optimizer.* tensors
+    checkpoints/step_00000100.safetensors   model.*, ema.*, optimizer.* tensors (and any further parts)
     checkpoints/step_00000100.json          config, path, parameterisation, step, data shape,
                                             bookkeeping, the JSON index of the non-tensor state
                                             and the SHA-256 of the weights file
@@ -48,7 +48,8 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint. ``model``/``ema`` are ``{name: tensor}``; ``optimizer`` a ``state_dict``."""
+    """A loaded checkpoint. ``model``/``ema`` are ``{name: tensor}``; ``optimizer`` a ``state_dict``; ``parts``
+    holds any further saved state by part name (the engine's other modules, see :mod:`difflab.engine.loop`)."""
 
     step: int
     config: RunConfig
@@ -57,6 +58,7 @@ class Checkpoint:
     optimizer: Optional[dict] = None
     meta: dict = field(default_factory=dict)
     file: Optional[Path] = None
+    parts: dict = field(default_factory=dict)
 
 
 def checkpoint_name(step: int) -> str:
@@ -67,7 +69,8 @@ def checkpoint_name(step: int) -> str:
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
 
-    Temp file in the same directory -> write -> flush -> fsync -> ``os.replace`` -> fsync the directory.
+    Temp file in the same directory -> write -> flush -> fsync -> ``os.replace`` -> fsync the directory. The file
+    gets the mode of an ordinary new file (``0o666`` less the umask; ``mkstemp`` alone would leave ``0o600``).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -75,6 +78,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -82,6 +86,12 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Union[str, Path], obj: Any) -> None:
@@ -142,7 +152,7 @@ def unflatten_state(skeleton: Any, tensors: dict) -> Any:
 # --- save / load ------------------------------------------------------------------------------------------
 def save_checkpoint(run_dir: Union[str, Path], step: int, config: RunConfig, model: dict,
                     ema: Optional[dict] = None, optimizer: Optional[dict] = None,
-                    meta: Optional[dict] = None, keep: int = 2) -> Path:
+                    meta: Optional[dict] = None, keep: int = 2, parts: Optional[dict] = None) -> Path:
     """Write the checkpoint of ``step`` atomically, point ``latest.json`` at it, keep the newest ``keep``.
 
     Args:
@@ -153,6 +163,8 @@ def save_checkpoint(run_dir: Union[str, Path], step: int, config: RunConfig, mod
         ema: :meth:`difflab.ema.EMA.state_dict` (optional).
         optimizer: the optimiser's ``state_dict`` (optional).
         meta: JSON-serialisable extras (path, parameterisation, data shape, bookkeeping).
+        keep: how many checkpoints to keep (0: all).
+        parts: further nested state by part name (stored like the optimiser's; loaded as ``Checkpoint.parts``).
     Returns: the JSON file written.
     """
     directory = Path(run_dir) / CHECKPOINT_DIR
@@ -161,7 +173,8 @@ def save_checkpoint(run_dir: Union[str, Path], step: int, config: RunConfig, mod
     name = checkpoint_name(step)
     tensors: dict = {}
     index = {part: flatten_state(state, part, tensors)
-             for part, state in (("model", model), ("ema", ema), ("optimizer", optimizer)) if state is not None}
+             for part, state in (("model", model), ("ema", ema), ("optimizer", optimizer), *(parts or {}).items())
+             if state is not None}
     weights = safetensors_save(tensors, metadata={"format": FORMAT, "step": str(step)})
     atomic_write_bytes(directory / f"{name}.safetensors", weights)
     record = {
@@ -218,7 +231,8 @@ def load_checkpoint(run_dir: Union[str, Path], which: Union[str, int] = "latest"
     state = {part: unflatten_state(skeleton, tensors) for part, skeleton in record["index"].items()}
     return Checkpoint(step=int(record["step"]), config=RunConfig.from_dict(record["config"]),
                       model=state["model"], ema=state.get("ema"), optimizer=state.get("optimizer"),
-                      meta=record.get("meta", {}), file=json_file)
+                      meta=record.get("meta", {}), file=json_file,
+                      parts={k: v for k, v in state.items() if k not in ("model", "ema", "optimizer")})
 
 
 def read_verified(json_file: Path, fmt: str, kind: str) -> tuple:
