@@ -24,6 +24,7 @@ from difflab.parameterization import NetworkDenoiser
 from difflab.paths import GaussianPath
 from difflab.samplers import Samples, ddpm_step, sample_chain, sample_ddim, sample_ddpm
 from difflab.samplers.ode import precise_dtype
+from difflab.utils import default_device  # noqa: F401  (a public name of this module too)
 
 
 # --- building ---------------------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ class Pipeline:
           (:class:`~difflab.guidance.ClassifierFreeGuidance`, one batched call on ``2B`` inputs per step, so
           each step counts 2 evaluations), with ``guidance_interval`` ``(t_lo, t_hi)`` in the path's time
           units and the φ-rescale ``guidance_rescale``. λ = 1 is the conditional model itself (no wrapper).
-        - ``classifier`` (a :func:`~difflab.classifier_training.load_classifier` result, a classifier
+        - ``classifier`` (a :func:`~difflab.classifier_store.load_classifier` result, a classifier
           directory, or any ``(x_t, t) -> logits`` callable) and ``classifier_scale`` w ≠ 0:
           classifier guidance ``ε̂ = ε − w s_t ∇log p_φ(y | x_t, t)`` on top of the (guided) conditional model,
           or of the unconditional model when the run has no classes (labels then come from the classifier).
@@ -330,7 +331,7 @@ class Pipeline:
         by_classifier = classifier is not None and classifier_scale != 0.0
         if by_classifier:
             if isinstance(classifier, (str, Path)):
-                from difflab.classifier_training import load_classifier
+                from difflab.classifier_store import load_classifier
 
                 classifier = load_classifier(classifier, device=self.device)
             if hasattr(classifier, "check_matches"):
@@ -350,12 +351,6 @@ class Pipeline:
         generator = torch.Generator().manual_seed(int(seed))
         return generate(denoiser, self.data_shape, num, sampler, steps, generator, labels,
                         batch_size, progress, self.device, **options)
-
-
-def default_device(device=None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Union[str, int] = "latest") -> Pipeline:

@@ -137,6 +137,10 @@ class Objective:
         """The one-line summary printed at the start."""
         return type(self).__name__
 
+    def finish(self, engine: "Engine", step: int) -> None:
+        """Optional hook on every rank after the last step (inside the run directory's lock): final measurements
+        and artefacts (write files on ``engine.dist.main`` only)."""
+
     def check_resumable(self, saved_config) -> None:
         """Raise :class:`TrainingError` when a checkpoint with ``saved_config`` cannot be continued by this objective."""
 
@@ -250,12 +254,14 @@ class Engine:
         dist: the :class:`~difflab.engine.stream.Dist` context (default: a single process).
         progress: show the progress bar and summary lines (rank 0).
         on_log: called on rank 0 with every log record; on_step: called with ``(step, metrics)`` after every step.
+        noun: what the run directory holds, for messages.
     """
 
     def __init__(self, objective: Objective, settings: Settings, run_dir=None, device=None, dist: Optional[Dist] = None,
-                 progress: bool = False, on_log: Optional[Callable] = None, on_step: Optional[Callable] = None):
+                 progress: bool = False, on_log: Optional[Callable] = None, on_step: Optional[Callable] = None,
+                 noun: str = "run"):
         self.objective, self.settings = objective, settings
-        self.run = RunDir(run_dir, objective.artifacts) if run_dir is not None else None
+        self.run = RunDir(run_dir, objective.artifacts, noun) if run_dir is not None else None
         self.dist = dist or Dist()
         self.modules = {name: t.module for name, t in objective.trainables.items()}
         first = next(iter(self.modules.values()))
@@ -384,6 +390,7 @@ class Engine:
             if self.on_step is not None:
                 self.on_step(k, values)
         bar.close()
+        obj.finish(self, max(self.start, s.steps))
         if run is not None and self.dist.main and self.start < s.steps and run.metrics.exists():
             from difflab.plotting import save_loss_curve
 

@@ -62,11 +62,14 @@ def warn(message: str) -> None:
 
 
 class RunDir:
-    """The run directory ``path``; ``extra_artifacts`` are further file names the objective writes there."""
+    """The run directory ``path``; ``extra_artifacts`` are further file names the objective writes there; ``noun``
+    names what the directory holds in messages ("run", "classifier")."""
 
-    def __init__(self, path, extra_artifacts: Sequence[str] = ()):
+    def __init__(self, path, extra_artifacts: Sequence[str] = (), noun: str = "run"):
         self.path = Path(path)
-        self.artifacts = (*ARTIFACTS, *extra_artifacts)
+        self.extra = tuple(extra_artifacts)
+        self.artifacts = (*ARTIFACTS, *self.extra)
+        self.noun = noun
         self._lock_fd: Optional[int] = None
         self._created = False
 
@@ -80,7 +83,7 @@ class RunDir:
     # --- what is there ------------------------------------------------------------------------------------
     def holds_run(self) -> bool:
         """Whether difflab has written a run here (a config, metrics or a checkpoint)."""
-        return any((self.path / name).exists() for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR))
+        return any((self.path / name).exists() for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, *self.extra))
 
     def check(self, resume: bool, overwrite: bool) -> None:
         """Refuse flag combinations that cannot work here, each with advice that leads somewhere."""
@@ -90,14 +93,14 @@ class RunDir:
         checkpointed = has_checkpoint(self.path)
         if resume and not checkpointed:
             if self.holds_run():
-                raise TrainingError(f"nothing to resume in {where}: the run stopped before its first checkpoint; "
-                                    "start it again with --overwrite")
-            raise TrainingError(f"nothing to resume in {where}: it holds no run (start one without --resume)")
+                raise TrainingError(f"nothing to resume in {where}: its {self.noun} has no checkpoint (it stopped "
+                                    "before the first one, or predates checkpoints); start it again with --overwrite")
+            raise TrainingError(f"nothing to resume in {where}: it holds no {self.noun} (start one without --resume)")
         if not resume and not overwrite and self.holds_run():
             if checkpointed:
-                raise TrainingError(f"{where} already holds a run: pass --resume to continue it "
+                raise TrainingError(f"{where} already holds a {self.noun}: pass --resume to continue it "
                                     "or --overwrite to replace it")
-            raise TrainingError(f"{where} holds a run that stopped before its first checkpoint: "
+            raise TrainingError(f"{where} already holds a {self.noun} with no checkpoint to resume: "
                                 "pass --overwrite to start it again")
 
     # --- the lock -------------------------------------------------------------------------------------------
