@@ -391,7 +391,7 @@ class Engine:
                 self.on_step(k, values)
         bar.close()
         obj.finish(self, max(self.start, s.steps))
-        if run is not None and self.dist.main and self.start < s.steps and run.metrics.exists():
+        if run is not None and self.dist.main and self.start < s.steps and "loss" in self.book["last"]:
             from difflab.plotting import save_loss_curve
 
             save_loss_curve(run.metrics, run.path / LOSS_CURVE)
