@@ -76,6 +76,23 @@ def command(kind: str, run_dir, steps: int, *overrides, resume: bool = False) ->
             *(["--resume"] if resume else []), *overrides]
 
 
+def start_until_checkpoint(cmd: list, run_dir, env: dict, timeout: float = 120.0):
+    """Start ``cmd`` (from the repository root) and return the process once ``run_dir`` has a checkpoint."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while not (Path(run_dir) / "checkpoints" / "latest.json").exists():
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read().decode())
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"no checkpoint appeared within {timeout:.0f} s")
+        time.sleep(0.01)
+    return proc
+
+
 def final_state(run_dir) -> dict:
     """Every tensor of the latest checkpoint (all modules, EMAs, optimisers) and the metrics without timings."""
     import json

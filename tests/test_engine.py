@@ -5,10 +5,8 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +15,8 @@ from difflab.checkpoint import list_checkpoints, load_checkpoint
 from difflab.cli import main
 from difflab.engine import Engine, Settings, TrainingError
 from difflab.engine.rundir import LOCK_FILE, RunDir
-from tests.engine_objectives import KINDS, ROOT, TINY, TwoModule, command, config, final_state, run
+from tests.engine_objectives import (KINDS, ROOT, TINY, TwoModule, command, config, final_state, run,
+                                     start_until_checkpoint)
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
@@ -57,18 +56,10 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_exact(tmp_path, kind):
     """A process checkpointing every step is SIGKILLed at a random moment after its first checkpoint; the run
     resumes from what is on disk and ends where an uninterrupted run of the same length ends, bit for bit."""
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(kind, killed, 100000), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while not (killed / "checkpoints" / "latest.json").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline, "no checkpoint appeared within 120 s"
-            time.sleep(0.01)
-        time.sleep(random.uniform(0.0, 0.3))
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    proc = start_until_checkpoint(command(kind, killed, 100000), killed, ENV)
+    time.sleep(random.uniform(0.0, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     step = load_checkpoint(killed).step
     run(kind, killed, step + 2, resume=True)
     run(kind, tmp_path / "straight", step + 2)
@@ -79,14 +70,8 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_exact(tmp_path, kind):
 # --- c. one process per run ------------------------------------------------------------------------------------------
 def test_a_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen(command("diffusion", run_dir, 100000, "train.checkpoint_every=5"), cwd=ROOT, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    holder = start_until_checkpoint(command("diffusion", run_dir, 100000, "train.checkpoint_every=5"), run_dir, ENV)
     try:
-        deadline = time.time() + 120
-        while not (run_dir / "checkpoints" / "latest.json").exists():
-            assert holder.poll() is None, holder.stderr.read().decode()
-            assert time.time() < deadline
-            time.sleep(0.01)
         lines_before = (run_dir / "metrics.jsonl").read_text().count("\n")
         for flag in ("--resume", "--overwrite"):
             code, err = cli(capsys, "train", TINY, "--out", run_dir, flag, "--quiet", "--set", "train.steps=100000")

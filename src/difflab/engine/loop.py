@@ -291,9 +291,10 @@ class Engine:
         run = self.run
         if run is None:
             return self._loop()
-        run.check(resume, overwrite)
+        run.check(resume, overwrite)  # fails fast; again under the lock: another process may have written in between
         self._on_main(run.lock)
         try:
+            run.check(resume, overwrite)
             ckpt = self._load(run) if resume else None
 
             def prepare():
@@ -435,7 +436,8 @@ class Engine:
             elif not math.isfinite(value):
                 reason = f"non-finite {name} ({value})"
             elif name in self.objective.monitor and factor > 0 and level and value > factor * level:
-                reason = f"training diverged: {name} {value:.4g} is over {factor:g}× its running level {level:.4g}"
+                reason = (f"training diverged: {name} {value:.4g} is over {factor:g}× its running level {level:.4g} "
+                          "(train.divergence_factor)")
             if reason:
                 bar.close()
                 self._stop(k, reason, suspect)
