@@ -5,7 +5,8 @@ For each objective: an uninterrupted reference run of ``--steps`` steps keeps ev
 (``checkpoint_every: 1``). Then one run directory is started, killed after a random delay (uniform on
 ``[0, --max-delay]`` seconds after the process starts, so some kills land during start-up), restarted with
 ``--resume`` (``--overwrite`` when it was killed before its first checkpoint), and so on ``--kills`` times, then
-resumed to the end. After every kill it records the latest checkpoint's step, whether that checkpoint's tensors
+resumed to the end (a start-up takes seconds, so some kills land before the restarted process trains at all:
+``kills_after_training_progress`` counts the others). After every kill it records the latest checkpoint's step, whether that checkpoint's tensors
 (model, EMA, optimiser) equal the reference's at the same step, whether the ``metrics.jsonl`` records up to it
 equal the reference's, and what else was left on disk (temp files, a stale lock, a partial metrics line). At the
 end the finished run must equal the reference (every tensor and every logged value but the timings).
@@ -80,7 +81,7 @@ def kill_loop(kind: str, out: Path, kills: int, steps: int, max_delay: float, se
         shutil.rmtree(d, ignore_errors=True)
     subprocess.run(command(kind, reference, steps, steps + 1, []), env=env, check=True)
     rng = random.Random(seed)
-    events = []
+    events, previous = [], 0
     for i in range(kills):
         flag = ["--resume"] if has_checkpoint(run_dir) else (["--overwrite"] if run_dir.exists() else [])
         proc = subprocess.Popen(command(kind, run_dir, steps, 2, flag), env=env, stdout=subprocess.DEVNULL,
@@ -96,10 +97,11 @@ def kill_loop(kind: str, out: Path, kills: int, steps: int, max_delay: float, se
                  **leftovers(run_dir)}
         if has_checkpoint(run_dir):
             step = load_checkpoint(run_dir).step
-            event.update(step=step, checkpoint_bit_exact=same(tensors_at(run_dir, step), tensors_at(reference, step)),
+            event.update(step=step, steps_advanced=step - previous, checkpoint_bit_exact=same(tensors_at(run_dir, step), tensors_at(reference, step)),
                          metrics_match=metrics(run_dir, step) == metrics(reference, step))
+            previous = step
         else:
-            event.update(step=None, checkpoint_bit_exact=None, metrics_match=None)
+            event.update(step=None, steps_advanced=0, checkpoint_bit_exact=None, metrics_match=None)
         events.append(event)
         print(f"{kind} kill {i + 1:2d} after {delay:4.2f} s: {event}", flush=True)
         if finished:
@@ -111,6 +113,7 @@ def kill_loop(kind: str, out: Path, kills: int, steps: int, max_delay: float, se
     with_ckpt = [e for e in events if e["step"] is not None]
     return {"kind": kind, "steps": steps, "kills": len(events),
             "kills_with_a_checkpoint_on_disk": len(with_ckpt),
+            "kills_after_training_progress": sum(e["steps_advanced"] > 0 for e in events),
             "checkpoints_bit_exact": sum(bool(e["checkpoint_bit_exact"]) for e in with_ckpt),
             "metrics_prefix_exact": sum(bool(e["metrics_match"]) for e in with_ckpt),
             "restarts_that_failed": sum(bool(e["error"]) for e in events),

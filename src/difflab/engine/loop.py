@@ -292,9 +292,13 @@ class Engine:
         if run is None:
             return self._loop()
         run.check(resume, overwrite)  # fails fast; again under the lock: another process may have written in between
-        self._on_main(run.lock)
-        try:
+
+        def lock():
+            run.lock()
             run.check(resume, overwrite)
+
+        try:
+            self._on_main(lock)
             ckpt = self._load(run) if resume else None
 
             def prepare():
