@@ -44,16 +44,18 @@ SAMPLES_DIR = "samples"
 LOSS_CURVE = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
 LOCK_FILE = ".difflab.lock"
-TEMP_PATTERN = ".*.tmp"
-"""What :func:`difflab.checkpoint.atomic_write_bytes` names its temp files."""
-
-ARTIFACTS = (CONFIG_FILE, METRICS_FILE, LOSS_CURVE, TEMP_PATTERN,
-             f"{CHECKPOINT_DIR}/step_*.json", f"{CHECKPOINT_DIR}/step_*.safetensors", f"{CHECKPOINT_DIR}/{LATEST}",
-             f"{CHECKPOINT_DIR}/{TEMP_PATTERN}", f"{SAMPLES_DIR}/step_*.png", f"{SAMPLES_DIR}/{TEMP_PATTERN}",
+ARTIFACTS = (CONFIG_FILE, METRICS_FILE, LOSS_CURVE, f"{CHECKPOINT_DIR}/step_*.json",
+             f"{CHECKPOINT_DIR}/step_*.safetensors", f"{CHECKPOINT_DIR}/{LATEST}", f"{SAMPLES_DIR}/step_*.png",
              f"{TENSORBOARD_DIR}/events.out.tfevents.*")
 """Glob patterns (relative to the run directory) of every file difflab writes there; ``--overwrite`` removes
-these, then :data:`ARTIFACT_DIRS` if they are left empty, and nothing else."""
+these and their temp files, then :data:`ARTIFACT_DIRS` if they are left empty, and nothing else."""
 ARTIFACT_DIRS = (CHECKPOINT_DIR, SAMPLES_DIR, TENSORBOARD_DIR)
+
+
+def temp_pattern(name: str) -> str:
+    """The temp files :func:`difflab.checkpoint.atomic_write_bytes` writes on its way to ``name``."""
+    directory, _, base = name.rpartition("/")
+    return f"{directory}/" * bool(directory) + f".{base}.*.tmp"
 
 
 def warn(message: str) -> None:
@@ -151,7 +153,7 @@ class RunDir:
         """Remove what difflab wrote here (:data:`ARTIFACTS`), then those of its folders left empty; returns
         the removed files. The user's own files, even inside ``samples/``, stay."""
         removed = []
-        for pattern in self.artifacts:
+        for pattern in (*self.artifacts, *map(temp_pattern, self.artifacts)):
             for p in sorted(self.path.glob(pattern)):
                 if p.is_file() or p.is_symlink():
                     p.unlink()
@@ -164,8 +166,8 @@ class RunDir:
 
     def remove_temps(self) -> None:
         """Temp files left by a write that was killed are never referenced: remove them."""
-        for directory in (self.path, *(self.path / name for name in ARTIFACT_DIRS)):
-            for p in directory.glob(TEMP_PATTERN):
+        for pattern in self.artifacts:
+            for p in self.path.glob(temp_pattern(pattern)):
                 p.unlink(missing_ok=True)
 
     # --- metrics.jsonl --------------------------------------------------------------------------------------
