@@ -367,6 +367,7 @@ class Engine:
             for name, t in obj.trainables.items():
                 for group in self.optimizers[name].param_groups:
                     group["lr"] = t.lr * t.schedule(k)
+            self.grad_norms = {}
             try:
                 metrics = obj.step(StepContext(self, index))
             except _Diverged as err:
@@ -411,12 +412,13 @@ class Engine:
     def _gather(self, metrics: dict) -> dict:
         """The step's metrics and gradient norms as floats (means over the ranks), and ``_weights``: the largest
         norm of a weight or EMA tensor (inf when one overflows or is not finite)."""
-        names = [*metrics, *self._norm_names()]
+        updated = [n for n in self.objective.trainables if n in self.grad_norms]  # the modules this step updated
+        names = [*metrics, *self._norm_names(updated)]
         tensors = [*self._weights(), *(e for ema in self.emas.values() for e in ema.shadow.values())]
         norms = [n.float() for n in torch._foreach_norm([t.detach() for t in tensors if t.is_floating_point()])]
         weights = torch.stack(norms).max() if norms else torch.zeros((), device=self.device)
         stacked = torch.stack([*(torch.as_tensor(v, device=self.device).float().reshape(()) for v in metrics.values()),
-                               *(torch.tensor(self.grad_norms[n], device=self.device) for n in self.objective.trainables),
+                               *(torch.tensor(self.grad_norms[n], device=self.device) for n in updated),
                                weights.to(self.device)])
         values = self.dist.mean(stacked).tolist()
         return {**dict(zip(names, values[:-1])), "_weights": values[-1]}
@@ -425,9 +427,9 @@ class Engine:
         for module in self.modules.values():
             yield from module.parameters()
 
-    def _norm_names(self) -> list:
-        names = list(self.objective.trainables)
-        return ["grad_norm"] if len(names) == 1 else [f"grad_norm_{n}" for n in names]
+    def _norm_names(self, updated: list) -> list:
+        """``grad_norm`` with one trainable module, else ``grad_norm_<name>`` for each one ``updated``."""
+        return ["grad_norm"] if len(self.objective.trainables) == 1 else [f"grad_norm_{n}" for n in updated]
 
     def _check(self, k: int, values: dict, bar) -> None:
         """Stop on a non-finite metric, a monitored metric far above its running level, or non-finite weights."""
