@@ -24,7 +24,7 @@ from difflab.parameterization import NetworkDenoiser
 from difflab.paths import GaussianPath
 from difflab.samplers import Samples, ddpm_step, sample_chain, sample_ddim, sample_ddpm
 from difflab.samplers.ode import precise_dtype
-from difflab.utils import default_device  # noqa: F401  (a public name of this module too)
+from difflab.utils import default_device
 
 
 # --- building ---------------------------------------------------------------------------------------------
