@@ -251,8 +251,9 @@ class ClassifierConfig:
     ``difflab train-classifier CONFIG`` on the config's data and path (:mod:`difflab.classifier_training`).
 
     ``width``, ``depth`` and ``time_dim`` size :class:`~difflab.networks.classifier.NoisyClassifier`;
-    ``steps`` of AdamW on batches of ``batch_size`` (seed ``train.seed``); a random ``held_out`` fraction
-    of the data is kept aside to report the accuracy at several noise levels.
+    ``steps`` of AdamW on batches of ``batch_size`` (seed ``train.seed``; checkpoints, log sinks and the
+    divergence stop as ``train.*`` says); a random ``held_out`` fraction of the data is kept aside to report the
+    accuracy at several noise levels.
     """
 
     width: int = 64
