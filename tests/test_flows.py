@@ -15,11 +15,12 @@ from scipy.integrate import quad
 
 from difflab import GaussianMixtureBed, LinearPath, NetworkDenoiser, TrigPath, VPPath
 from difflab.data import toy2d
-from difflab.flows import (couple, few_step_sw2, fit_velocity, flow_matching_loss, marginal_velocity_exact,
+from difflab.flows import (couple, few_step_sw2, flow_matching_loss, marginal_velocity_exact,
                            ot_assignment, pair_batches, sample_flow)
 from difflab.losses import diffusion_loss
 from difflab.metrics import sliced_wasserstein2
 from difflab.networks import build_network, network_time_fn
+from difflab.objectives.distillation import fit_velocity
 from difflab.reflow import distill_one_step, rectified_flow_denoiser, reflow, reflow_pairs, straightness
 from difflab.samplers.ode import sample_heun
 

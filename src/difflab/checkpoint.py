@@ -2,7 +2,7 @@
 
 Layout inside a run directory::
 
-    checkpoints/step_00000100.safetensors   model.*, ema.*, optimizer.* tensors
+    checkpoints/step_00000100.safetensors   model.*, ema.*, optimizer.* tensors (and any further parts)
     checkpoints/step_00000100.json          config, path, parameterisation, step, data shape,
                                             bookkeeping, the JSON index of the non-tensor state
                                             and the SHA-256 of the weights file
@@ -49,7 +49,8 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint. ``model``/``ema`` are ``{name: tensor}``; ``optimizer`` a ``state_dict``."""
+    """A loaded checkpoint. ``model``/``ema`` are ``{name: tensor}``; ``optimizer`` a ``state_dict``; ``parts``
+    holds any further saved state by part name (the engine's other modules, see :mod:`difflab.engine.loop`)."""
 
     step: int
     config: RunConfig
@@ -58,6 +59,7 @@ class Checkpoint:
     optimizer: Optional[dict] = None
     meta: dict = field(default_factory=dict)
     file: Optional[Path] = None
+    parts: dict = field(default_factory=dict)
 
 
 def checkpoint_name(step: int) -> str:
@@ -68,7 +70,8 @@ def checkpoint_name(step: int) -> str:
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
 
-    Temp file in the same directory -> write -> flush -> fsync -> ``os.replace`` -> fsync the directory.
+    Temp file in the same directory -> write -> flush -> fsync -> ``os.replace`` -> fsync the directory. The file
+    gets the mode of an ordinary new file (``0o666`` less the umask; ``mkstemp`` alone would leave ``0o600``).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -76,6 +79,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -83,6 +87,12 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Union[str, Path], obj: Any) -> None:
@@ -143,7 +153,7 @@ def unflatten_state(skeleton: Any, tensors: dict) -> Any:
 # --- save / load ------------------------------------------------------------------------------------------
 def save_checkpoint(run_dir: Union[str, Path], step: int, config: RunConfig, model: dict,
                     ema: Optional[dict] = None, optimizer: Optional[dict] = None,
-                    meta: Optional[dict] = None, keep: int = 2) -> Path:
+                    meta: Optional[dict] = None, keep: int = 2, parts: Optional[dict] = None) -> Path:
     """Write the checkpoint of ``step`` atomically, point ``latest.json`` at it, keep the newest ``keep``.
 
     Args:
@@ -154,6 +164,8 @@ def save_checkpoint(run_dir: Union[str, Path], step: int, config: RunConfig, mod
         ema: :meth:`difflab.ema.EMA.state_dict` (optional).
         optimizer: the optimiser's ``state_dict`` (optional).
         meta: JSON-serialisable extras (path, parameterisation, data shape, bookkeeping).
+        keep: how many checkpoints to keep (0: all).
+        parts: further nested state by part name (stored like the optimiser's; loaded as ``Checkpoint.parts``).
     Returns: the JSON file written.
     """
     directory = Path(run_dir) / CHECKPOINT_DIR
@@ -162,7 +174,8 @@ def save_checkpoint(run_dir: Union[str, Path], step: int, config: RunConfig, mod
     name = checkpoint_name(step)
     tensors: dict = {}
     index = {part: flatten_state(state, part, tensors)
-             for part, state in (("model", model), ("ema", ema), ("optimizer", optimizer)) if state is not None}
+             for part, state in (("model", model), ("ema", ema), ("optimizer", optimizer), *(parts or {}).items())
+             if state is not None}
     weights = safetensors_save(tensors, metadata={"format": FORMAT, "step": str(step)})
     atomic_write_bytes(directory / f"{name}.safetensors", weights)
     record = {
@@ -216,7 +229,8 @@ def load_checkpoint(run_dir: Union[str, Path], which: Union[str, int] = "latest"
     if "model" not in state:
         raise CheckpointError(f"{json_file}: holds no model weights")
     return Checkpoint(step=record["step"], config=record["run_config"], model=state["model"], ema=state.get("ema"),
-                      optimizer=state.get("optimizer"), meta=record["meta"], file=json_file)
+                      optimizer=state.get("optimizer"), meta=record["meta"], file=json_file,
+                      parts={k: v for k, v in state.items() if k not in ("model", "ema", "optimizer")})
 
 
 def checkpoint_record_file(run_dir: Union[str, Path], which: Union[str, int] = "latest") -> Path:
@@ -378,3 +392,19 @@ def _remove_stale_temps(directory: Path) -> None:
     """Temp files left by a process killed mid-write are never referenced; remove them."""
     for p in directory.glob(".*.tmp"):
         p.unlink(missing_ok=True)
+
+
+def load_weights(net: "torch.nn.Module", state, source: Path) -> None:
+    """``net.load_state_dict(state)`` for weights read from ``source``: a missing, extra or misshapen tensor,
+    or a NaN/Inf weight, raises :class:`~difflab.checkpoint.CheckpointError` in one line naming the file."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{source}: the stored weights are not a mapping of tensors")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointError(f"{source}: the weights do not fit the network its config describes ({first})") from None
+    bad = [name for name, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{source}: the weights hold NaN or Inf (in {bad[0]}; a diverged run?) — "
+                              "nothing to sample from")

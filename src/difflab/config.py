@@ -219,7 +219,10 @@ class TrainConfig:
     and is constant after. ``grad_clip = 0`` and ``sample_every = 0`` switch those off;
     ``checkpoint_every = 0`` saves only at the end. ``p_uncond`` is the classifier-free-guidance
     label dropout (SPEC §7). ``mixed_precision: auto`` is bf16 autocast on CUDA and fp32 elsewhere.
-    ``num_threads > 0`` sets torch's intra-op CPU threads (0 keeps torch's default).
+    ``num_threads > 0`` sets torch's intra-op CPU threads (0 keeps torch's default). ``log_to`` lists the
+    metric sinks (``jsonl`` always; ``tensorboard`` needs the optional extra); ``compile: true`` runs the
+    networks through ``torch.compile``; ``divergence_factor`` stops a run whose loss exceeds that multiple of
+    its running level (0: never; :mod:`difflab.engine.loop`).
     """
 
     steps: int = 1000
@@ -241,8 +244,16 @@ class TrainConfig:
     mixed_precision: str = field(default="auto", metadata=_choices("auto", "bf16", "no"))
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     num_threads: int = 0
+    log_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    compile: bool = False
+    divergence_factor: float = 1000.0
 
     def validate(self) -> None:
+        bad = [s for s in self.log_to if s not in ("jsonl", "tensorboard")]
+        if bad:
+            raise ConfigError(f"train.log_to may hold jsonl and tensorboard, got {bad[0]!r}")
+        if not (self.divergence_factor >= 0 and math.isfinite(self.divergence_factor)):
+            raise ConfigError(f"train.divergence_factor must be a finite number >= 0, got {self.divergence_factor}")
         for name in ("steps", "log_every", "keep_checkpoints"):
             _in_range(f"train.{name}", getattr(self, name), 1, limits.MAX_STEPS)
         for name in ("warmup_steps", "ema_start", "sample_every", "checkpoint_every"):
@@ -271,8 +282,9 @@ class ClassifierConfig:
     ``difflab train-classifier CONFIG`` on the config's data and path (:mod:`difflab.classifier_training`).
 
     ``width``, ``depth`` and ``time_dim`` size :class:`~difflab.networks.classifier.NoisyClassifier`;
-    ``steps`` of AdamW on batches of ``batch_size`` (seed ``train.seed``); a random ``held_out`` fraction
-    of the data is kept aside to report the accuracy at several noise levels.
+    ``steps`` of AdamW on batches of ``batch_size`` (seed ``train.seed``; checkpoints, log sinks and the
+    divergence stop as ``train.*`` says); a random ``held_out`` fraction of the data is kept aside to report the
+    accuracy at several noise levels.
     """
 
     width: int = 64

@@ -16,8 +16,9 @@ Notation map (difflab's time runs from data at ``t_min`` to noise at ``t_max``, 
 
 The loss itself is the core's :func:`~difflab.losses.diffusion_loss` on a ``target="velocity"``
 denoiser; this module adds the couplings (independent, minibatch OT (Tong et al. 2023), or fixed
-pairs for reflow), the exact marginal velocity of a test bed, a minimal AdamW training loop for small
-models, and few-step sampling from standard-normal noise. Reflow lives in :mod:`difflab.reflow`.
+pairs for reflow), the exact marginal velocity of a test bed and few-step sampling from standard-normal noise.
+Training small velocity models is :func:`difflab.objectives.distillation.fit_velocity`; reflow lives in
+:mod:`difflab.reflow`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from scipy.optimize import linear_sum_assignment
 
 from difflab.losses import diffusion_loss
 from difflab.metrics import sliced_wasserstein2
-from difflab.optim import adamw
 from difflab.parameterization import NetworkDenoiser, from_x0_eps
 from difflab.paths import GaussianPath
 from difflab.samplers.chain import Samples
@@ -114,7 +114,7 @@ def marginal_velocity_exact(bed: GaussianMixtureBed, path: GaussianPath, x: torc
     return from_x0_eps(x0_mean, eps_mean, x64, t, path, "velocity").to(x.dtype)
 
 
-# --- a minimal training loop -----------------------------------------------------------------------
+# --- training batches -----------------------------------------------------------------------
 class FlowBatch(NamedTuple):
     """One training minibatch: data ``x0``, optionally its paired noise ``eps`` (reflow), and conditioning."""
 
@@ -138,46 +138,6 @@ def pair_batches(eps: torch.Tensor, x0: torch.Tensor, **cond) -> Callable[[int, 
         return FlowBatch(x0[idx], eps[idx], index_cond(cond, idx, n))
 
     return sample_batch
-
-
-def fit_velocity(denoiser: NetworkDenoiser, sample_batch_fn: Callable, steps: int, lr: float = 1e-3,
-                 batch_size: int = 256, generator: Optional[torch.Generator] = None, coupling: Optional[str] = None,
-                 t_value: Optional[float] = None, weight_decay: float = 0.0) -> list:
-    """Train ``denoiser.net`` in place with the CFM loss on ``denoiser.path``; returns the loss per step.
-
-    A deliberately small loop (AdamW, cosine learning-rate decay to zero, no EMA) for 2-D and test-size
-    models; :mod:`difflab.training` is the full trainer.
-
-    Args:
-        denoiser: ``NetworkDenoiser(net, path, target="velocity", time_fn=…)`` — the path and the network's
-            time map travel with it (difflab's networks use ``networks.network_time_fn(path)``).
-        sample_batch_fn: ``(batch_size, generator) -> x0`` tensor or :class:`FlowBatch` (fixed pairs
-            carry their ``eps``: reflow training, where the pair replaces the independent coupling).
-        coupling: ``None`` or ``"ot"`` (:func:`flow_matching_loss`); must be ``None`` with fixed pairs.
-        t_value: train at this single time only (``path.t_max`` gives one-step distillation); else uniform.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be positive, got {steps}")
-    net = denoiser.net
-    opt = adamw([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    losses = []
-    net.train()
-    for _ in range(steps):
-        batch = sample_batch_fn(batch_size, generator)
-        if isinstance(batch, torch.Tensor):
-            batch = FlowBatch(batch)
-        if batch.eps is not None and coupling is not None:
-            raise ValueError("fixed (noise, data) pairs already define the coupling; use coupling=None")
-        t = None if t_value is None else float(t_value)
-        loss = flow_matching_loss(denoiser, batch.x0, coupling, batch.eps, t, generator, **(batch.cond or {})).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    net.eval()
-    return losses
 
 
 # --- sampling from standard-normal noise ------------------------------------------------------------

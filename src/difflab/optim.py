@@ -14,7 +14,8 @@ from typing import Iterable
 import torch
 
 
-def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0,
+          betas: tuple = (0.9, 0.999)) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` with ``fused=True`` when torch supports it for these parameters, else ``foreach=True``.
 
     Fused AdamW needs floating-point parameters on a device with the kernel (CPU and CUDA in torch ≥ 2.4);
@@ -22,6 +23,6 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float =
     """
     params = list(params)
     try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True)

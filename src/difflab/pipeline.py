@@ -25,6 +25,7 @@ from difflab.parameterization import NetworkDenoiser
 from difflab.paths import GaussianPath
 from difflab.samplers import Samples, ddpm_step, discrete_timesteps, sample_chain, sample_ddim, sample_ddpm
 from difflab.samplers.ode import precise_dtype
+from difflab.utils import default_device
 
 
 # --- building ---------------------------------------------------------------------------------------------
@@ -395,7 +396,7 @@ class Pipeline:
           (:class:`~difflab.guidance.ClassifierFreeGuidance`, one batched call on ``2B`` inputs per step, so
           each step counts 2 evaluations), with ``guidance_interval`` ``(t_lo, t_hi)`` in the path's time
           units and the φ-rescale ``guidance_rescale``. λ = 1 is the conditional model itself (no wrapper).
-        - ``classifier`` (a :func:`~difflab.classifier_training.load_classifier` result, a classifier
+        - ``classifier`` (a :func:`~difflab.classifier_store.load_classifier` result, a classifier
           directory, or any ``(x_t, t) -> logits`` callable) and ``classifier_scale`` w ≠ 0:
           classifier guidance ``ε̂ = ε − w s_t ∇log p_φ(y | x_t, t)`` on top of the (guided) conditional model,
           or of the unconditional model when the run has no classes (labels then come from the classifier).
@@ -416,7 +417,7 @@ class Pipeline:
         by_classifier = classifier is not None and classifier_scale != 0.0
         if by_classifier:
             if isinstance(classifier, (str, Path)):
-                from difflab.classifier_training import load_classifier
+                from difflab.classifier_store import load_classifier
 
                 classifier = load_classifier(classifier, device=self.device)
             if hasattr(classifier, "check_matches"):
@@ -438,12 +439,6 @@ class Pipeline:
                         batch_size, progress, self.device, **options)
 
 
-def default_device(device=None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Union[str, int] = "latest") -> Pipeline:
     """Restore a trained run (the EMA weights unless ``ema=False``) for sampling, in eval mode.
 
@@ -452,7 +447,7 @@ def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Un
     (:func:`difflab.limits.checkpoint_byte_budget`); weights that do not fit the network, or hold NaN or
     Inf, raise :class:`~difflab.checkpoint.CheckpointError` naming the file.
     """
-    from difflab.checkpoint import FORMAT, CheckpointError, checkpoint_record_file, load_checkpoint, read_record
+    from difflab.checkpoint import FORMAT, CheckpointError, checkpoint_record_file, load_checkpoint, load_weights, read_record
     from difflab.limits import LimitError, checkpoint_byte_budget
 
     device = default_device(device)
@@ -473,21 +468,3 @@ def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Un
         raise CheckpointError(f"{json_file}: meta.data_kind must be 'points' or 'image', got {data_kind!r:.40}")
     return Pipeline(net=net, denoiser=build_denoiser(cfg, net), config=cfg, data_shape=data_shape,
                     num_classes=num_classes, data_kind=data_kind, step=ckpt.step, device=device)
-
-
-def load_weights(net: nn.Module, state, source: Path) -> None:
-    """``net.load_state_dict(state)`` for weights read from ``source``: a missing, extra or misshapen tensor,
-    or a NaN/Inf weight, raises :class:`~difflab.checkpoint.CheckpointError` in one line naming the file."""
-    from difflab.checkpoint import CheckpointError
-
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{source}: the stored weights are not a mapping of tensors")
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as err:
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise CheckpointError(f"{source}: the weights do not fit the network its config describes ({first})") from None
-    bad = [name for name, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{source}: the weights hold NaN or Inf (in {bad[0]}; a diverged run?) — "
-                              "nothing to sample from")

@@ -27,8 +27,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from difflab.flows import default_solver, few_step_sw2, fit_velocity, index_cond, pair_batches, sample_flow
+from difflab.flows import default_solver, few_step_sw2, index_cond, pair_batches, sample_flow
 from difflab.networks.embeddings import network_time_fn
+from difflab.objectives.distillation import fit_velocity
 from difflab.parameterization import NetworkDenoiser
 from difflab.paths import LinearPath
 from difflab.utils import randn, sum_except_batch

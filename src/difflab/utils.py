@@ -57,3 +57,10 @@ def randn(shape, generator: torch.Generator | None = None, device=None, dtype=to
     """Standard normal noise drawn from an optional generator (whose device decides where it is drawn)."""
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def default_device(device=None) -> torch.device:
+    """``device`` if given, else CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

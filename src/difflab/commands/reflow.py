@@ -43,18 +43,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
-    import shutil
     from pathlib import Path
 
     import torch
 
-    from difflab.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+    from difflab.checkpoint import load_checkpoint, save_checkpoint
     from difflab.commands.nll import held_out_data
     from difflab.config import RunConfig, save_config
     from difflab.pipeline import load_run
     from difflab.reflow import reflow
     from difflab.samplers.ode import sample_heun
-    from difflab.training import CONFIG_FILE, run_exists
+    from difflab.engine.rundir import CONFIG_FILE, RunDir
 
     for name in ("pairs", "steps", "pair_steps", "batch_size", "eval_num"):
         if getattr(args, name) < 1:
@@ -64,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if Path(args.run_dir).resolve() == out.resolve():
         raise ValueError("--out must be a new run directory, not RUN_DIR itself")
-    if run_exists(out) and not args.overwrite:
+    out_dir = RunDir(out)
+    if out_dir.holds_run() and not args.overwrite:
         raise ValueError(f"{str(out)!r} already holds a run: pass --overwrite to replace it")
     pipe = load_run(args.run_dir, ema=not args.no_ema, device=args.device)
     cfg = pipe.config
@@ -82,16 +82,17 @@ def run(args: argparse.Namespace) -> int:
     new_cfg = RunConfig.from_dict(cfg.to_dict())
     new_cfg.diffusion = dataclasses.replace(new_cfg.diffusion, target="velocity", coupling="none", weighting="none")
     new_cfg.validate()
-    if args.overwrite:
-        for name in (CONFIG_FILE, CHECKPOINT_DIR):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(new_cfg, out / CONFIG_FILE)
     meta = {key: source_meta[key] for key in ("data_shape", "num_classes", "data_kind") if key in source_meta}
     meta["reflow"] = {"source": str(args.run_dir), "pairs": args.pairs, "steps": args.steps,
                       "pair_steps": args.pair_steps, "seed": args.seed, "measurements": result.measurements}
-    save_checkpoint(out, args.steps, new_cfg, result.net.state_dict(), meta=meta)
+    out_dir.lock()  # the new run is complete before the old one (only what difflab wrote) is removed
+    try:
+        if args.overwrite:
+            out_dir.clear()
+        save_config(new_cfg, out / CONFIG_FILE)
+        save_checkpoint(out, args.steps, new_cfg, result.net.state_dict(), meta=meta)
+    finally:
+        out_dir.unlock()
 
     print(f"difflab: reflow of {args.run_dir} on {args.pairs} pairs, {args.steps} steps -> {out}")
     m = result.measurements

@@ -1,0 +1,7 @@
+"""The objectives the engine (:mod:`difflab.engine`) trains, one module each:
+
+- :mod:`~difflab.objectives.diffusion`: the diffusion / flow-matching loss of a run config (SPEC §3, §4, §6);
+- :mod:`~difflab.objectives.classifier`: the noise-conditional classifier of classifier guidance (SPEC §7);
+- :mod:`~difflab.objectives.distillation`: velocity regression on fixed (noise, data) pairs — reflow and
+  one-step distillation of a rectified flow (SPEC §6).
+"""
