@@ -177,3 +177,31 @@ def diffusers_denoiser(model: nn.Module, config, context: Optional[torch.Tensor]
     """
     return NetworkDenoiser(DiffusersNet(model, context, null_context), path_from_config(config),
                            target_from_config(config), learned_variance=learned_variance_from_config(config))
+
+
+class BedAsDiffusersModel:
+    """A test bed's exact model in diffusers' calling convention (SPEC §8): ``model(x, τ, return_dict=False)`` returns
+    ``(E[target | x],)`` at diffusers timestep ``τ``, i.e. at the DDPM step ``u = τ + 1`` of ``path`` (fractional ``u``
+    through :class:`~difflab.paths.DiscreteTimeContinuation`, where integer ``u`` is exactly the discrete path).
+
+    Driven by a diffusers pipeline loop or wrapped by :func:`diffusers_denoiser`, it is a model with no learning
+    error, so the samples' exact KL (:func:`~difflab.testbeds.affine_pushforward`) isolates the sampler.
+    ``prediction_type`` as in diffusers' configs. ``calls`` counts evaluations (a batch is one).
+    """
+
+    def __init__(self, bed, path: DiscretePath, prediction_type: str = "epsilon"):
+        from difflab.paths import DiscreteTimeContinuation
+
+        if prediction_type not in PREDICTION_TARGETS:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}; choose one of {tuple(PREDICTION_TARGETS)}")
+        self.bed, self.continuation = bed, DiscreteTimeContinuation(path)
+        self.target = PREDICTION_TARGETS[prediction_type]
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, timestep, return_dict: bool = False, **_ignored):
+        from difflab.parameterization import from_x0_eps
+
+        self.calls += 1
+        t = (torch.as_tensor(timestep, dtype=torch.float64).expand(x.shape[0]) + TIMESTEP_OFFSET) / self.continuation.T
+        x0, eps, _ = self.bed.posterior_means(x, self.continuation.a(t), self.continuation.s(t))
+        return (from_x0_eps(x0, eps, x, t, self.continuation, self.target),)
