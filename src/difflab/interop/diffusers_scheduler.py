@@ -57,7 +57,7 @@ SOLVERS = tuple(name for name in SAMPLERS if name != "rk45")
 """The samplers a scheduler can run: every fixed-grid sampler of :data:`difflab.pipeline.SAMPLERS`."""
 
 DEFAULT_SOLVER = "deis"
-"""difflab's default sampler: DEIS on the grids optimised per NFE (``time_grids.default_grid``), the most accurate on the
+"""difflab's default sampler: DEIS (order ``time_grids.DEIS_ORDER``) on the grids optimised per NFE (``time_grids.default_grid``), the most accurate on the
 exact Gaussian beds. Measured on a trained diffusers UNet (``benchmarks/interop.py``), ``"dpmpp2m"`` is the more
 accurate choice there (README, "Using difflab with diffusers")."""
 
