@@ -10,7 +10,8 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch is installed first so that no dependency pulls a different build.
+# torch is installed first so that no dependency pulls a different build. The dev extra brings diffusers and
+# transformers so that the interop tests (tests/test_interop_diffusers.py) run; they are skipped without them.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q -e '.[dev]'

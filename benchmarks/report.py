@@ -17,6 +17,7 @@ KL_TARGET_RATIO = 0.5  # issue 4: best difflab KL at most half the best diffuser
 OVERHEAD_TARGET_RATIO = 0.5  # issue 4: per-step overhead at most half of diffusers'
 THROUGHPUT_TARGET_RATIO = 1.3  # digits U-Net training throughput at least 1.3x UNet2DModel's
 RSS_TARGET_MIB = 1.5 * 1024  # peak RSS of `difflab train` on the digits config
+INTEROP_TARGET_RATIO = 0.5  # issue 19: difflab's default at 10 NFE at most half the RMSE of the pipeline's default
 
 
 def _num(v, digits: int = 3) -> str:
@@ -261,6 +262,36 @@ def _overhead(ov: dict, out: Path) -> list:
     return lines
 
 
+def _interop(rec: dict) -> list:
+    res = rec["result"]
+    if "skipped" in res:
+        return ["## difflab in diffusers' pipeline loop", "", f"Skipped: {res['skipped']}", ""]
+    m, ref, tr = res["model"], res["reference"], res["training"]
+    lines = ["## difflab in diffusers' pipeline loop (issue 19 target)", "",
+             f"diffusers {res['diffusers_version']}. A `UNet2DModel` ({m['parameters']} parameters, "
+             f"{m['prediction_type']}, {m['beta_schedule']} β, T = {m['num_train_timesteps']}) trained the diffusers way "
+             f"for {tr['steps']} steps on {m['data']} (final loss {_num(tr['final_loss_mean_last_100'])}); {res['batch']} "
+             "samples from the same noise through diffusers' own loop with each scheduler "
+             "(`benchmarks/interop.py`). RMSE to a reference solve: difflab's adaptive Dormand–Prince at "
+             f"rtol = atol = {ref['rtol']:g} ({ref['nfe']} NFE; at 10× the tolerance it moves by "
+             f"{_num(ref['rmse_of_10x_tolerance'])}; DDIM with all 1000 integer timesteps is "
+             f"{_num(ref['rmse_of_ddim_1000_integer_steps'])} from it).", ""]
+    lines += _table(["NFE", "scheduler", "model calls", "RMSE to reference"],
+                    [[r["nfe"], r["label"] + ("" if r["deterministic"] else " (stochastic: not an ODE solver)"),
+                      r["calls"], _num(r["rmse"])] for r in res["rows"]])
+    lines += ["difflab's default (`DifflabScheduler()`, DEIS on its optimised grid) against each deterministic pipeline "
+              "default:", ""]
+    lines += _table(["NFE", "diffusers scheduler", "diffusers RMSE", "difflab RMSE", "ratio", f"≤ {INTEROP_TARGET_RATIO}?"],
+                    [[h["nfe"], h["diffusers"], _num(h["diffusers_rmse"]), _num(h["difflab_rmse"]),
+                      _num(h["ratio_difflab_over_diffusers"]),
+                      "yes" if h["ratio_difflab_over_diffusers"] <= INTEROP_TARGET_RATIO else "**no**"]
+                     for h in res["headline"]])
+    same = max(r["max_abs_diff_to_difflab_sampler"] for r in res["rows"] if r["library"] == "difflab")
+    lines += [f"In the loop, `DifflabScheduler` returns difflab's own sampler's samples (largest difference {_num(same)}: "
+              "the loop hands back float32 latents, the sampler keeps float64).", ""]
+    return lines
+
+
 def _thread_runs(res: dict) -> list:
     """The per-thread-count measurements (older results hold a single one at the top level)."""
     return list(res["by_threads"].values()) if "by_threads" in res else [res]
@@ -342,13 +373,21 @@ def _targets(records: dict) -> list:
             lines.append(f"- peak RSS of `{pm['command']}`: {_num(pm['peak_rss_mib'])} MiB — "
                          f"{'met' if pm['peak_rss_mib'] <= RSS_TARGET_MIB and pm['exit_code'] == 0 else '**not met**'} "
                          f"(≤ {RSS_TARGET_MIB:.0f} MiB)")
+    inter = records.get("interop")
+    if inter and "headline" in inter["result"]:
+        for h in inter["result"]["headline"]:
+            if h["nfe"] == 10:
+                ok = h["ratio_difflab_over_diffusers"] <= INTEROP_TARGET_RATIO
+                lines.append(f"- diffusers UNet at 10 NFE, difflab default vs {h['diffusers']}: RMSE ratio "
+                             f"{_num(h['ratio_difflab_over_diffusers'])} — {'met' if ok else '**not met**'} "
+                             f"(≤ {INTEROP_TARGET_RATIO})")
     return lines + [""]
 
 
 def write(out: Path) -> Path:
     out = Path(out)
     records = {name: _load(out, name) for name in ("accuracy", "exact_stochastic", "side_by_side", "overhead",
-                                                   "training")}
+                                                   "training", "interop")}
     lines = ["# difflab benchmarks", "",
              "Written by `python -m benchmarks.run` (`make bench`; `make bench-quick` for the two-minute version). "
              "JSON files beside this one hold every number.", ""]
@@ -361,6 +400,8 @@ def write(out: Path) -> Path:
         lines += _overhead(records["overhead"], out)
     if records["training"]:
         lines += _training(records["training"])
+    if records["interop"]:
+        lines += _interop(records["interop"])
     if records["accuracy"]:
         lines += _accuracy(records["accuracy"], out)
     if records["exact_stochastic"]:

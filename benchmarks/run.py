@@ -19,12 +19,12 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.common import machine_info, write_json
 
-MODULES = ("accuracy", "exact_stochastic", "side_by_side", "overhead", "training")
+MODULES = ("accuracy", "exact_stochastic", "side_by_side", "overhead", "training", "interop")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="difflab benchmarks (sampler accuracy, diffusers side by side, "
-                                                 "overhead, training throughput)")
+                                                 "overhead, training throughput, difflab in diffusers' loop)")
     parser.add_argument("--quick", action="store_true", help="the ~2-minute version")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--only", nargs="+", choices=MODULES, default=list(MODULES))
