@@ -105,10 +105,13 @@ def test_wrapped_model_is_the_exact_model_at_every_step(prediction_type, ddpm_co
 
 
 def test_add_noise_matches_diffusers(ddpm_config):
-    x0, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    """diffusers forms ᾱ by a float32 cumulative product over 1000 steps, difflab in float64: the coefficients differ
+    by up to ~1e-6 relative at τ = 999 (measured 2e-6 on |x| ≤ 4), so the match is asserted to 2e-5."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
     tau = torch.tensor([0, 500, 999])
     ours = DifflabScheduler.from_config(ddpm_config).add_noise(x0, noise, tau)
-    assert torch.allclose(ours, diffusers.DDPMScheduler.from_config(ddpm_config).add_noise(x0, noise, tau), atol=1e-6)
+    assert torch.allclose(ours, diffusers.DDPMScheduler.from_config(ddpm_config).add_noise(x0, noise, tau), atol=2e-5)
 
 
 # --- the scheduler in diffusers' own pipeline loop ---------------------------------------------------------------
