@@ -58,10 +58,9 @@ def train_classifier(cfg: RunConfig, out_dir: Union[str, Path], overwrite: bool 
     ctx = init_distributed(device)
     try:
         if dataset is None:
-            from difflab.data import load_dataset
+            from difflab.latent import training_data
 
-            dataset = load_dataset(cfg.data.name, path=cfg.data.path, n=cfg.data.n, seed=cfg.train.seed,
-                                   **cfg.data.options)
+            dataset = training_data(cfg)  # a latent run's classifier reads its scaled latents
         objective = ClassifierObjective(cfg, dataset, device)
         settings = Settings.from_train(cfg.train, steps=cc.steps, batch_size=cc.batch_size, log_every=cc.log_every,
                                        sample_every=0, mixed_precision="no")

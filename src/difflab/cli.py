@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 from difflab.commands import evaluate, experiment
 from difflab.commands import demo, train_classifier
-from difflab.commands import nll, reflow
+from difflab.commands import autoencoder, nll, reflow
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -118,9 +118,9 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.classifier_scale is not None and args.classifier is None:
         raise ValueError("--classifier-scale needs --classifier CLS_DIR")
     pipe = load_run(args.run_dir, ema=not args.no_ema, device=args.device)
-    image = len(pipe.data_shape) == 3
-    if out.suffix == ".png" and not image and pipe.data_shape != (2,):
-        raise ValueError(f"a .png needs images or 2-D points; this run's data has shape {pipe.data_shape}: use .npz")
+    image = len(pipe.output_shape) == 3
+    if out.suffix == ".png" and not image and pipe.output_shape != (2,):
+        raise ValueError(f"a .png needs images or 2-D points; this run's data has shape {pipe.output_shape}: use .npz")
     classifier = None
     if args.classifier is not None:
         from difflab.classifier_training import load_classifier
@@ -178,6 +178,10 @@ COMMANDS: list[Command] = [
             nll.add_arguments, nll.run, nll.EXAMPLES),
     Command("reflow", "straighten a rectified-flow run: retrain on its own (noise, sample) pairs",
             reflow.add_arguments, reflow.run, reflow.EXAMPLES),
+    Command("train-autoencoder", "train the KL autoencoder of latent diffusion; cache its latents and scale",
+            autoencoder.add_train_arguments, autoencoder.run_train, autoencoder.TRAIN_EXAMPLES),
+    Command("eval-autoencoder", "held-out reconstruction error, class accuracy and FD of an autoencoder",
+            autoencoder.add_eval_arguments, autoencoder.run_eval, autoencoder.EVAL_EXAMPLES),
 ]
 """The subcommands, in the order ``difflab --help`` lists them."""
 

@@ -8,6 +8,7 @@ A run is described by :class:`RunConfig` with these sections::
                 target, weighting, min_snr_gamma}               parameterisation (§4), loss (§3)
     train:     {steps, batch_size, lr, ...}                  -> difflab.training.train
     classifier: {width, depth, steps, ...}                   -> difflab.classifier_training (optional)
+    autoencoder: {latent_channels, kl_weight, ...}           -> difflab.objectives.autoencoder (SPEC §5)
 
 Every value is checked at the edge — unknown keys (with the nearest valid key suggested), wrong
 types, out-of-range numbers, bad enum values, combinations the math does not allow — and any
@@ -54,12 +55,15 @@ class DataConfig:
 
     ``n`` keeps the first ``n`` examples (or draws ``n`` points for generated 2-D sets); ``options``
     are passed to the loader unchanged (e.g. ``noise`` for two moons, ``size`` for an image folder).
+    ``autoencoder`` names an autoencoder run (``difflab train-autoencoder``) of this data set: the model is
+    then trained on its cached, scaled latents (latent diffusion, SPEC §5; :mod:`difflab.latent`).
     """
 
     name: str = "two_moons"
     path: Optional[str] = None
     n: Optional[int] = None
     options: dict = field(default_factory=dict)
+    autoencoder: Optional[str] = None
 
     def validate(self) -> None:
         from difflab.data import LOADERS
@@ -279,8 +283,44 @@ class ClassifierConfig:
             raise ConfigError(f"classifier.held_out must lie in [0, 1), got {self.held_out}")
 
 
+@dataclass
+class AutoencoderConfig:
+    """The KL autoencoder of latent diffusion (SPEC §5; :mod:`difflab.networks.autoencoder`), trained by
+    ``difflab train-autoencoder CONFIG`` on ``data`` with ``train.*`` (steps, batch, lr, seed, checkpoints).
+
+    Sizes: ``latent_channels`` and a downsampling factor ``2^(len(channel_mults) − 1)``. Loss per example
+    (:mod:`difflab.objectives.autoencoder`): ``Σ|x − x̂| + perceptual_weight · perceptual + kl_weight · KL``
+    (sums over pixels and latent entries, Stable Diffusion's scale, so ``kl_weight`` 1e-6 is its value), plus,
+    with ``disc_weight > 0``, ``disc_weight · λ · L_adv`` after ``disc_start`` steps, ``λ`` adaptive. A random
+    ``held_out`` fraction of the data is kept aside for ``difflab eval-autoencoder``.
+    """
+
+    latent_channels: int = 4
+    base_channels: int = 32
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2])
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.0
+    disc_weight: float = 0.0
+    disc_start: int = 0
+    held_out: float = 0.1
+
+    def validate(self) -> None:
+        for name in ("latent_channels", "base_channels"):
+            _at_least(f"autoencoder.{name}", getattr(self, name), 1)
+        _at_least("autoencoder.disc_start", self.disc_start, 0)
+        if not self.channel_mults or len(self.channel_mults) > 4 or any(m < 1 for m in self.channel_mults):
+            raise ConfigError("autoencoder.channel_mults must be 1 to 4 positive integers (3 halvings at most), "
+                              f"got {self.channel_mults}")
+        for name, high in (("kl_weight", 1.0), ("perceptual_weight", 1e4), ("disc_weight", 1e4)):
+            value = getattr(self, name)
+            if not 0.0 <= value <= high:
+                raise ConfigError(f"autoencoder.{name} must lie in [0, {high:g}], got {value}")
+        if not 0.0 <= self.held_out < 1.0:
+            raise ConfigError(f"autoencoder.held_out must lie in [0, 1), got {self.held_out}")
+
+
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig,
-            "classifier": ClassifierConfig}
+            "classifier": ClassifierConfig, "autoencoder": AutoencoderConfig}
 
 
 @dataclass
@@ -292,6 +332,7 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     def validate(self) -> "RunConfig":
         for name in SECTIONS:

@@ -271,10 +271,17 @@ class Pipeline:
     data_kind: str
     step: int
     device: torch.device
+    decoder: Optional[Callable] = None
+    """Latent runs (SPEC §5): ``z' -> images`` (:class:`~difflab.latent.LatentDecoder`), applied after any sampler."""
 
     @property
     def path(self) -> GaussianPath:
         return self.denoiser.path
+
+    @property
+    def output_shape(self) -> tuple:
+        """The shape of one sample :meth:`sample` returns: the decoder's images, else ``data_shape``."""
+        return tuple(self.decoder.image_shape) if self.decoder is not None else self.data_shape
 
     def labels(self, num: int, y=None) -> Optional[torch.Tensor]:
         """The labels to sample with: ``None`` for an unconditional model; for a class-conditional model
@@ -299,7 +306,7 @@ class Pipeline:
     def sample(self, num: int, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
                y=None, batch_size: int = 256, progress: bool = True, guidance_scale: float = 1.0,
                guidance_interval: Optional[tuple] = None, guidance_rescale: float = 0.0, classifier=None,
-               classifier_scale: float = 0.0, **options) -> Samples:
+               classifier_scale: float = 0.0, decode: bool = True, **options) -> Samples:
         """``num`` samples with ``sampler`` (a key of :data:`SAMPLERS`) in ``steps`` network evaluations.
 
         ``eta`` is DDIM's stochasticity (SPEC §5); ``seed`` fixes every random draw; ``y`` see :meth:`labels`.
@@ -315,7 +322,9 @@ class Pipeline:
           classifier guidance ``ε̂ = ε − w s_t ∇log p_φ(y | x_t, t)`` on top of the (guided) conditional model,
           or of the unconditional model when the run has no classes (labels then come from the classifier).
 
-        Returns ``Samples(x (num, *data_shape) on the CPU, nfe per sample)``.
+        A latent run's samples are decoded to images unless ``decode=False`` (then they are the scaled latents).
+
+        Returns ``Samples(x (num, *output_shape) on the CPU, nfe per sample)``.
         """
         from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance
 
@@ -349,12 +358,16 @@ class Pipeline:
         if by_classifier and (labels < 0).any():
             raise ValueError("classifier guidance needs a class to guide towards, not -1 (unconditional)")
         generator = torch.Generator().manual_seed(int(seed))
-        return generate(denoiser, self.data_shape, num, sampler, steps, generator, labels,
-                        batch_size, progress, self.device, **options)
+        out = generate(denoiser, self.data_shape, num, sampler, steps, generator, labels,
+                       batch_size, progress, self.device, **options)
+        if decode and self.decoder is not None:
+            out = Samples(self.decoder(out.x), out.nfe)
+        return out
 
 
 def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Union[str, int] = "latest") -> Pipeline:
-    """Restore a trained run (the EMA weights unless ``ema=False``) for sampling, in eval mode."""
+    """Restore a trained run (the EMA weights unless ``ema=False``) for sampling, in eval mode; a latent run
+    (SPEC §5) gets the decoder of its own copy of the autoencoder (:func:`difflab.latent.load_latent_decoder`)."""
     from difflab.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(run_dir, which, map_location="cpu")
@@ -365,6 +378,11 @@ def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Un
     net.load_state_dict(state)
     device = default_device(device)
     net.to(device).eval()
+    decoder = None
+    if "latent" in meta:
+        from difflab.latent import load_latent_decoder
+
+        decoder = load_latent_decoder(run_dir, meta["latent"], device)
     return Pipeline(net=net, denoiser=build_denoiser(cfg, net), config=cfg, data_shape=data_shape,
                     num_classes=num_classes, data_kind=meta.get("data_kind", "points" if len(data_shape) == 1 else "image"),
-                    step=ckpt.step, device=device)
+                    step=ckpt.step, device=device, decoder=decoder)

@@ -89,11 +89,12 @@ def train(cfg: RunConfig, run_dir: Union[str, Path], resume: bool = False, overw
         if tc.batch_size % ctx.world:
             raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes "
                               f"({ctx.world})")
-        if dataset is None:
-            from difflab.data import load_dataset
+        from difflab.latent import LatentDiffusionObjective, training_data
 
-            dataset = load_dataset(cfg.data.name, path=cfg.data.path, n=cfg.data.n, seed=tc.seed, **cfg.data.options)
-        objective = DiffusionObjective(cfg, dataset, device)
+        if dataset is None:
+            dataset = training_data(cfg)
+        latent = cfg.data.autoencoder is not None
+        objective = (LatentDiffusionObjective if latent else DiffusionObjective)(cfg, dataset, device)
         engine = Engine(objective, Settings.from_train(tc), run_dir, device, ctx, progress, on_log)
         result = engine.fit(resume=resume, overwrite=overwrite)
         return TrainResult(step=result.step, loss=result.metrics.get("loss", float("nan")), run_dir=Path(run_dir),

@@ -1,0 +1,264 @@
+"""Latent diffusion (SPEC §5; Rombach et al. 2022): the same pipeline between an encoder and a decoder.
+
+An autoencoder run (``difflab train-autoencoder``, :mod:`difflab.objectives.autoencoder`) ends by writing::
+
+    AE_RUN/autoencoder.safetensors   the KL autoencoder's weights (encoder and decoder)
+    AE_RUN/latents.safetensors       μ = E(x) of every example of the data set (``mu``; labels ``y``)
+    AE_RUN/autoencoder.json          format, step, SHA-256 of both files, the run config, and meta: image and
+                                     latent shapes, sizes, ``scale_factor``, the held-out split
+
+**Latent scale.** ``scale_factor = 1 / std(μ)`` over every entry of the training split's latents (the famous
+``0.18215`` is this number for Stable Diffusion's autoencoder); the denoiser learns ``z' = scale_factor · z``,
+whose std is 1, so the path's prior ``N(0, s_max² I)`` and its log-SNR mean what they say. Scaling is a
+log-SNR shift: ``x = a z' + s ε = c (a z + (s/c) ε)`` with ``c = scale_factor``, so diffusing scaled latents on
+a path ``(a, s)`` is diffusing unscaled latents on ``(a, s/c)`` (:class:`ScaledLatentPath`, ``λ → λ + 2 log c``);
+the test suite checks the two samplers agree through :func:`difflab.equivalence.change_path`.
+
+**Latent runs.** A config with ``data.autoencoder: AE_RUN`` trains on the cached latents (encoded once, at the
+end of the autoencoder run) times the scale: :func:`training_data` returns them as the data set (its shape is the
+latent's), for ``difflab train`` and ``difflab train-classifier`` alike. The run reads ``AE_RUN`` because the user
+named it in the config. At the start of training the autoencoder's weights and record are *copied into the latent
+run* (:class:`LatentDiffusionObjective`), and :func:`difflab.pipeline.load_run` reads that copy only (checked
+against the SHA-256 the checkpoints record) — a run directory never makes difflab read another path it names.
+Every sampler, classifier-free and classifier guidance run on the latents unchanged; :class:`LatentDecoder` maps
+the result ``z'`` to images ``D(z' / c)``, so ``difflab sample`` and ``difflab eval`` see images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from difflab.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, read_verified
+from difflab.config import ConfigError, RunConfig
+from difflab.networks.autoencoder import KLAutoencoder
+from difflab.objectives.diffusion import DiffusionObjective
+from difflab.paths import ContinuousPath
+from difflab.utils import default_device
+
+WEIGHTS_FILE = "autoencoder.safetensors"
+LATENTS_FILE = "latents.safetensors"
+RECORD_FILE = "autoencoder.json"
+FORMAT = "difflab-autoencoder"
+FORMAT_VERSION = 1
+DATA_KEYS = ("name", "path", "n", "options")
+"""The ``data.*`` entries a latent run must share with its autoencoder's run (``data.autoencoder`` aside)."""
+
+
+# --- the autoencoder on disk ---------------------------------------------------------------------------------------
+@dataclass
+class TrainedAutoencoder:
+    """A trained KL autoencoder with its record: ``encode``/``decode`` in eval mode, ``scale_factor`` from ``meta``."""
+
+    net: KLAutoencoder
+    config: RunConfig
+    meta: dict
+    sha256: str
+    directory: Optional[Path] = None
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.meta["scale_factor"])
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """``μ = E(x)`` in batches, float32 on the CPU."""
+        return batched(lambda b: self.net.encode(b)[0], self.net, x, batch_size)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """``x̂ = D(z)`` in batches, float32 on the CPU."""
+        return batched(self.net.decode, self.net, z, batch_size)
+
+
+def batched(fn, net: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``fn`` over ``x`` in batches on ``net``'s device, in eval mode (restored after), float32 on the CPU."""
+    device, was_training = next(net.parameters()).device, net.training
+    net.eval()
+    try:
+        return torch.cat([fn(x[i:i + batch_size].to(device, torch.float32)).float().cpu()
+                          for i in range(0, x.shape[0], batch_size)])
+    finally:
+        net.train(was_training)
+
+
+def build_autoencoder(cfg: RunConfig, image_shape) -> KLAutoencoder:
+    """The :class:`KLAutoencoder` ``cfg.autoencoder`` describes for images of ``image_shape``."""
+    ac = cfg.autoencoder
+    return KLAutoencoder(image_shape, ac.latent_channels, ac.base_channels, ac.channel_mults)
+
+
+def scale_factor(latents: torch.Tensor) -> float:
+    """``1 / std`` of every entry of ``latents`` (Rombach et al. 2022, §4.3.2; module docstring)."""
+    std = float(latents.double().std())
+    if not (std > 0 and math.isfinite(std)):
+        raise ValueError(f"the latents have std {std}: cannot scale them to unit variance")
+    return 1.0 / std
+
+
+def save_autoencoder(out_dir: Union[str, Path], net: KLAutoencoder, cfg: RunConfig, step: int, meta: dict,
+                     latents: Optional[dict] = None) -> Path:
+    """Write the weights, the latents (``{"mu": (N, ...), "y": (N,)}``, if given) and then the JSON record,
+    each atomically; returns the record."""
+    from safetensors.torch import save as safetensors_save
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = safetensors_save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+                               metadata={"format": FORMAT, "step": str(step)})
+    atomic_write_bytes(out_dir / WEIGHTS_FILE, weights)
+    record = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step), "weights": WEIGHTS_FILE,
+              "sha256": hashlib.sha256(weights).hexdigest(), "saved_at": time.time(), "torch": torch.__version__,
+              "config": cfg.to_dict(), "meta": meta}
+    if latents is not None:
+        data = safetensors_save({k: v.detach().cpu().contiguous() for k, v in latents.items()})
+        atomic_write_bytes(out_dir / LATENTS_FILE, data)
+        record.update(latents=LATENTS_FILE, latents_sha256=hashlib.sha256(data).hexdigest())
+    atomic_write_json(out_dir / RECORD_FILE, record)
+    return out_dir / RECORD_FILE
+
+
+def load_autoencoder(ae_dir: Union[str, Path], device=None) -> TrainedAutoencoder:
+    """Restore an autoencoder record (an autoencoder run, or a latent run's copy), checked against its hash."""
+    ae_dir = Path(ae_dir)
+    record_file = ae_dir / RECORD_FILE
+    if not record_file.is_file():
+        raise FileNotFoundError(f"no autoencoder in {str(ae_dir)!r} (missing {RECORD_FILE}; train one with "
+                                "'difflab train-autoencoder CONFIG --out AE_RUN')")
+    record, tensors = read_verified(record_file, FORMAT, "autoencoder")
+    cfg = RunConfig.from_dict(record["config"])
+    net = build_autoencoder(cfg, record["meta"]["image_shape"])
+    net.load_state_dict(tensors)
+    net.to(default_device(device)).eval()
+    return TrainedAutoencoder(net, cfg, record["meta"], record["sha256"], ae_dir)
+
+
+def load_latents(ae_dir: Union[str, Path]) -> dict:
+    """The cached latents of an autoencoder run, ``{"mu": (N, c, h, w), "y": (N,) if labelled}``, hash-checked."""
+    from safetensors.torch import load as safetensors_load
+
+    from difflab.checkpoint import _read_json
+
+    ae_dir = Path(ae_dir)
+    record = _read_json(ae_dir / RECORD_FILE) if (ae_dir / RECORD_FILE).is_file() else {}
+    if record.get("format") != FORMAT or "latents" not in record:
+        raise CheckpointError(f"{str(ae_dir)!r} holds no finished autoencoder run with cached latents "
+                              "(train it with 'difflab train-autoencoder' to the end)")
+    file = ae_dir / record["latents"]
+    data = file.read_bytes() if file.is_file() else b""
+    if hashlib.sha256(data).hexdigest() != record["latents_sha256"]:
+        raise CheckpointError(f"{file} is missing or does not match the hash recorded in {RECORD_FILE}")
+    return safetensors_load(data)
+
+
+# --- latent runs -----------------------------------------------------------------------------------------------------
+def training_data(cfg: RunConfig):
+    """The data set a run config trains on: ``cfg.data`` itself, or with ``data.autoencoder`` the scaled cached
+    latents ``scale_factor · E(x)`` of that autoencoder run (shape ``(N, c, h, w)``, the same labels)."""
+    from difflab.data import ArrayDataset, load_dataset
+
+    d = cfg.data
+    if d.autoencoder is None:
+        return load_dataset(d.name, path=d.path, n=d.n, seed=cfg.train.seed, **d.options)
+    ae = load_autoencoder(d.autoencoder, device="cpu")
+    mine, theirs = {k: getattr(d, k) for k in DATA_KEYS}, {k: getattr(ae.config.data, k) for k in DATA_KEYS}
+    if mine != theirs or cfg.train.seed != ae.config.train.seed:
+        raise ConfigError(f"data.autoencoder {d.autoencoder!r} was trained on data {theirs} (seed "
+                          f"{ae.config.train.seed}), this config asks for {mine} (seed {cfg.train.seed})")
+    latents = load_latents(d.autoencoder)
+    y = latents.get("y")
+    return ArrayDataset(latents["mu"] * ae.scale_factor, y, int(ae.meta["num_classes"]) if y is not None else 0,
+                        kind="image", name=f"latents of {d.name} by {d.autoencoder}")
+
+
+class LatentDecoder:
+    """``z' -> D(z' / scale_factor)``: the images of scaled latents (module docstring)."""
+
+    def __init__(self, autoencoder: TrainedAutoencoder, batch_size: int = 256):
+        self.autoencoder, self.batch_size = autoencoder, batch_size
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.autoencoder.meta["image_shape"])
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(z / self.autoencoder.scale_factor, self.batch_size)
+
+
+class LatentDiffusionObjective(DiffusionObjective):
+    """The diffusion objective on an autoencoder's scaled latents: copies the autoencoder into the run when
+    training begins, records its hash and scale in every checkpoint, and decodes its sample pictures."""
+
+    artifacts = (RECORD_FILE, WEIGHTS_FILE)
+
+    def __init__(self, cfg: RunConfig, dataset, device: torch.device):
+        super().__init__(cfg, dataset, device)
+        self.autoencoder = load_autoencoder(cfg.data.autoencoder, device=device)
+
+    def begin(self, engine) -> None:
+        """Copy the autoencoder's weights and record (without the latents) into the run directory."""
+        source, target = Path(self.config.data.autoencoder), engine.run.path
+        from difflab.checkpoint import _read_json
+
+        record = _read_json(source / RECORD_FILE)
+        for key in ("latents", "latents_sha256"):
+            record.pop(key, None)
+        shutil.copyfile(source / WEIGHTS_FILE, target / f".{WEIGHTS_FILE}.copy.tmp")
+        (target / f".{WEIGHTS_FILE}.copy.tmp").replace(target / WEIGHTS_FILE)
+        atomic_write_json(target / RECORD_FILE, record)
+        load_autoencoder(target)  # the copy is whole
+
+    def meta(self) -> dict:
+        ae = self.autoencoder
+        return {**super().meta(), "data_kind": "image",
+                "latent": {"sha256": ae.sha256, "scale_factor": ae.scale_factor,
+                           "image_shape": list(ae.meta["image_shape"]), "source": str(self.config.data.autoencoder)}}
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return LatentDecoder(self.autoencoder)(x)
+
+    def describe(self) -> str:
+        return f"latent diffusion (scale factor {self.autoencoder.scale_factor:.4g}): {super().describe()}"
+
+
+def load_latent_decoder(run_dir: Union[str, Path], latent_meta: dict, device=None) -> LatentDecoder:
+    """The decoder of a latent run, from the run's own copy of its autoencoder (hash-checked against the checkpoint)."""
+    ae = load_autoencoder(run_dir, device=device)
+    if ae.sha256 != latent_meta["sha256"]:
+        raise CheckpointError(f"the autoencoder in {str(run_dir)!r} is not the one this run was trained with")
+    return LatentDecoder(ae)
+
+
+# --- scaling is a log-SNR shift ------------------------------------------------------------------------------------
+class ScaledLatentPath(ContinuousPath):
+    """The path of *unscaled* latents ``z`` equivalent to ``base`` on scaled latents ``z' = c z``:
+    ``a(t) = a_base(t)``, ``s(t) = s_base(t) / c``, so ``x = a z + s ε = x' / c`` and ``λ(t) = λ_base(t) + 2 log c``
+    (module docstring; SPEC §5, §6)."""
+
+    def __init__(self, base: ContinuousPath, scale: float):
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"the latent scale must be a positive number, got {scale}")
+        self.base, self.scale = base, float(scale)
+        self.t_min, self.t_max = base.t_min, base.t_max
+
+    def a(self, t):
+        return self.base.a(t)
+
+    def s(self, t):
+        return self.base.s(t) / self.scale
+
+    def a_dot(self, t):
+        return self.base.a_dot(t)
+
+    def s_dot(self, t):
+        return self.base.s_dot(t) / self.scale
+
+    def t_from_log_snr(self, lam):
+        return self.base.t_from_log_snr(torch.as_tensor(lam, dtype=torch.float64) - 2.0 * math.log(self.scale))
