@@ -289,7 +289,7 @@ class AutoencoderConfig:
     ``difflab train-autoencoder CONFIG`` on ``data`` with ``train.*`` (steps, batch, lr, seed, checkpoints).
 
     Sizes: ``latent_channels`` and a downsampling factor ``2^(len(channel_mults) − 1)``. Loss per example
-    (:mod:`difflab.objectives.autoencoder`): ``Σ|x − x̂| + perceptual_weight · perceptual + kl_weight · KL``
+    (:mod:`difflab.objectives.autoencoder`): ``Σ|x − x̂| + perceptual_weight · CHW · perceptual + kl_weight · KL``
     (sums over pixels and latent entries, Stable Diffusion's scale, so ``kl_weight`` 1e-6 is its value), plus,
     with ``disc_weight > 0``, ``disc_weight · λ · L_adv`` after ``disc_start`` steps, ``λ`` adaptive. A random
     ``held_out`` fraction of the data is kept aside for ``difflab eval-autoencoder``.

@@ -2,11 +2,12 @@
 
 Per example (sums over pixels and latent entries, Stable Diffusion's scale)::
 
-    L_rec = Σ |x − x̂| + perceptual_weight · Σ_layers mean_hw ||φ̂_l(x) − φ̂_l(x̂)||²
+    L_rec = Σ |x − x̂| + perceptual_weight · CHW · Σ_layers mean_hw ||φ̂_l(x) − φ̂_l(x̂)||²
     L     = L_rec + kl_weight · KL(N(μ, σ²) || N(0, I)) [+ disc_weight · λ · L_adv after disc_start steps]
 
 with ``x̂ = D(μ + σ ε)`` (re-parameterised, SPEC §1). The perceptual term compares the channel-normalised
-activations ``φ̂_l`` of the three stages of the project's own classifier (the feature network of FD-<dataset>,
+activations ``φ̂_l`` (the perceptual distance counted once per pixel, ``CHW`` times, as Stable Diffusion's
+``LPIPSWithDiscriminator`` adds it to every pixel's L1 before summing, so ``perceptual_weight: 1`` is its value) of the three stages of the project's own classifier (the feature network of FD-<dataset>,
 :func:`difflab.evaluation.features.feature_network`, frozen): no pretrained VGG/LPIPS can be downloaded here.
 With ``disc_weight > 0`` a :class:`~difflab.networks.autoencoder.PatchDiscriminator` (module ``discriminator``)
 is trained with the hinge loss, and the decoder gets ``L_adv = −mean D(x̂)`` weighted adaptively
@@ -118,7 +119,7 @@ class AutoencoderObjective(Objective):
             metrics = {"rec": rec.mean().detach()}
             if self.perceptual is not None:
                 perceptual = self.perceptual(x, x_hat)
-                rec = rec + ac.perceptual_weight * perceptual
+                rec = rec + ac.perceptual_weight * x[0].numel() * perceptual
                 metrics["perceptual"] = perceptual.mean().detach()
             kl = kl_to_standard_normal(mu, logvar)
             loss = rec.mean() + ac.kl_weight * kl.mean()
