@@ -262,3 +262,57 @@ class ScaledLatentPath(ContinuousPath):
 
     def t_from_log_snr(self, lam):
         return self.base.t_from_log_snr(torch.as_tensor(lam, dtype=torch.float64) - 2.0 * math.log(self.scale))
+
+
+# --- the exact check: a linear-Gaussian (PCA) autoencoder on a Gaussian bed -----------------------------------------
+@dataclass
+class PCAAutoencoder:
+    """The linear-Gaussian autoencoder of data ``N(μ, Σ)``, ``Σ = U Λ Uᵀ``, keeping the ``k`` largest directions:
+
+    ``E(x) = U_kᵀ (x − μ)`` (latents ``N(0, Λ_k)``), ``D(z) = μ + U_k z + U_⊥ η`` with ``η ~ N(0, σ² I)`` and
+    ``σ² = mean(Λ_⊥)`` (probabilistic PCA's maximum-likelihood noise, Tipping & Bishop 1999). Its output law for
+    latents ``N(m, C)`` is the Gaussian ``N(μ + U_k m, U_k C U_kᵀ + σ² U_⊥ U_⊥ᵀ)`` (:meth:`output_law`). In the
+    eigenbasis both it and the data are block-diagonal, so (SPEC §1's KL)
+
+        KL(output || data) = KL(N(m, C) || N(0, Λ_k)) + KL(N(0, σ² I) || N(0, Λ_⊥)),
+
+    the latent sampler's error plus the autoencoder's truncation error (:meth:`truncation_kl`), exactly; a
+    latent scale ``c`` multiplies ``m, C^{½}`` and the latent law alike and changes neither term.
+    """
+
+    mean: torch.Tensor       # μ (D,)
+    basis: torch.Tensor      # U_k (D, k)
+    rest: torch.Tensor       # U_⊥ (D, D − k)
+    variances: torch.Tensor  # Λ_k (k,)
+    dropped: torch.Tensor    # Λ_⊥ (D − k,)
+    noise_var: float         # σ²
+
+    @classmethod
+    def fit(cls, mean: torch.Tensor, cov: torch.Tensor, k: int, noise_var: Optional[float] = None) -> "PCAAutoencoder":
+        """From the data's mean and covariance (float64), with ``σ² = mean(Λ_⊥)`` unless ``noise_var`` is given."""
+        eigvals, eigvecs = torch.linalg.eigh(torch.as_tensor(cov, dtype=torch.float64))  # ascending
+        D = eigvals.shape[0]
+        if not 1 <= k < D:
+            raise ValueError(f"keep 1 <= k < D = {D} directions, got k={k}")
+        order = torch.argsort(eigvals, descending=True)
+        eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+        dropped = eigvals[k:]
+        return cls(torch.as_tensor(mean, dtype=torch.float64), eigvecs[:, :k], eigvecs[:, k:], eigvals[:k], dropped,
+                   float(dropped.mean()) if noise_var is None else float(noise_var))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``U_kᵀ (x − μ)``, ``(B, D) -> (B, k)``."""
+        return (x.double() - self.mean) @ self.basis
+
+    def output_law(self, m: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``(D,)`` and covariance ``(D, D)`` of ``D(z)`` for ``z ~ N(m, C)``."""
+        U, R = self.basis, self.rest
+        return self.mean + U @ m, U @ C @ U.T + self.noise_var * R @ R.T
+
+    def truncation_kl(self) -> torch.Tensor:
+        """``KL(N(0, σ² I) || N(0, Λ_⊥))``: the output law's KL to the data with exact latents (SPEC §1)."""
+        from difflab.gaussian import kl_normal
+
+        n = self.dropped.shape[0]
+        return kl_normal(torch.zeros(n, dtype=torch.float64), self.noise_var * torch.eye(n, dtype=torch.float64),
+                         torch.zeros(n, dtype=torch.float64), torch.diag(self.dropped))
