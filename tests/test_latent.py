@@ -179,3 +179,21 @@ def test_a_latent_config_must_match_its_autoencoders_data(runs, tmp_path):
         training_data(load_config(TINY, [*DATA, "data.n=100", f"data.autoencoder={ae_dir}"]))
     with pytest.raises(FileNotFoundError, match="no autoencoder"):
         training_data(load_config(TINY, [*DATA, f"data.autoencoder={tmp_path}"]))
+
+
+def test_cross_attention_to_a_single_token_is_an_additive_bias():
+    """With one context token the softmax over one key is 1: every query position receives the same vector
+    proj(V c), whatever the feature map — cross-attention degenerates to an additive bias (so class prompts of one
+    token add no more than the class embedding does; binding words to positions needs L > 1 tokens)."""
+    from difflab.networks.attention import MultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(8, num_heads=2, context_dim=5)
+    x, c = torch.randn(3, 10, 8), torch.randn(3, 1, 5)  # (B, N, dim) queries, (B, L = 1, context_dim)
+    out = attn(x, c)
+    v = attn.to_kv(c)[..., 8:]  # the value half of the key/value projection
+    bias = attn.proj(v)  # (B, 1, dim)
+    assert torch.allclose(out, bias.expand_as(out), atol=1e-6)
+    assert torch.allclose(attn(torch.randn(3, 10, 8), c), out, atol=1e-6)  # the queries do not matter
+    two = torch.cat([c, torch.randn(3, 1, 5)], dim=1)  # two tokens: the queries choose between them
+    assert not torch.allclose(attn(x, two)[:, 0], attn(x, two)[:, 1], atol=1e-4)
