@@ -251,6 +251,20 @@ def read_verified(json_file: Path, fmt: str, kind: str) -> tuple:
     return record, safetensors_load(data)
 
 
+def read_record(directory: Union[str, Path], record_name: str, fmt: str, kind: str, how: str) -> tuple:
+    """:func:`read_verified` of ``directory/record_name``; ``FileNotFoundError`` (saying ``how`` to write one) when
+    the directory has no such record."""
+    record_file = Path(directory) / record_name
+    if not record_file.is_file():
+        raise FileNotFoundError(f"no {kind} in {str(directory)!r} (missing {record_name}; {how})")
+    return read_verified(record_file, fmt, kind)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file as a dict; :class:`CheckpointError` naming the file when it is not valid JSON."""
+    return _read_json(path)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from difflab.checkpoint import atomic_write_bytes, atomic_write_json, read_verified
+from difflab.checkpoint import atomic_write_bytes, atomic_write_json, read_record
 from difflab.config import DiffusionConfig, RunConfig
 from difflab.networks.classifier import NoisyClassifier
 from difflab.networks.embeddings import CONTINUOUS_TIME_SCALE, NULL_LABEL, check_labels
@@ -118,11 +118,8 @@ def load_classifier(cls_dir: Union[str, Path], device=None) -> TrainedClassifier
     is corrupt (the weights do not match the recorded hash) or of another format.
     """
     cls_dir = Path(cls_dir)
-    record_file = cls_dir / RECORD_FILE
-    if not record_file.is_file():
-        raise FileNotFoundError(f"no classifier in {str(cls_dir)!r} (missing {RECORD_FILE}; "
-                                "write one with 'difflab train-classifier CONFIG --out CLS_DIR')")
-    record, tensors = read_verified(record_file, FORMAT, "classifier")
+    record, tensors = read_record(cls_dir, RECORD_FILE, FORMAT, "classifier",
+                                  "write one with 'difflab train-classifier CONFIG --out CLS_DIR'")
     meta = record["meta"]
     net = NoisyClassifier(meta["data_shape"], meta["num_classes"], meta["width"], meta["depth"], meta["time_dim"],
                           meta["time_scale"])

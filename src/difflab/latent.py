@@ -36,7 +36,7 @@ from typing import Optional, Union
 
 import torch
 
-from difflab.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, read_verified
+from difflab.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, read_json, read_record
 from difflab.config import ConfigError, RunConfig
 from difflab.networks.autoencoder import KLAutoencoder
 from difflab.objectives.diffusion import DiffusionObjective
@@ -128,11 +128,8 @@ def save_autoencoder(out_dir: Union[str, Path], net: KLAutoencoder, cfg: RunConf
 def load_autoencoder(ae_dir: Union[str, Path], device=None) -> TrainedAutoencoder:
     """Restore an autoencoder record (an autoencoder run, or a latent run's copy), checked against its hash."""
     ae_dir = Path(ae_dir)
-    record_file = ae_dir / RECORD_FILE
-    if not record_file.is_file():
-        raise FileNotFoundError(f"no autoencoder in {str(ae_dir)!r} (missing {RECORD_FILE}; train one with "
-                                "'difflab train-autoencoder CONFIG --out AE_RUN')")
-    record, tensors = read_verified(record_file, FORMAT, "autoencoder")
+    record, tensors = read_record(ae_dir, RECORD_FILE, FORMAT, "autoencoder",
+                                  "train one with 'difflab train-autoencoder CONFIG --out AE_RUN'")
     cfg = RunConfig.from_dict(record["config"])
     net = build_autoencoder(cfg, record["meta"]["image_shape"])
     net.load_state_dict(tensors)
@@ -144,10 +141,8 @@ def load_latents(ae_dir: Union[str, Path]) -> dict:
     """The cached latents of an autoencoder run, ``{"mu": (N, c, h, w), "y": (N,) if labelled}``, hash-checked."""
     from safetensors.torch import load as safetensors_load
 
-    from difflab.checkpoint import _read_json
-
     ae_dir = Path(ae_dir)
-    record = _read_json(ae_dir / RECORD_FILE) if (ae_dir / RECORD_FILE).is_file() else {}
+    record = read_json(ae_dir / RECORD_FILE) if (ae_dir / RECORD_FILE).is_file() else {}
     if record.get("format") != FORMAT or "latents" not in record:
         raise CheckpointError(f"{str(ae_dir)!r} holds no finished autoencoder run with cached latents "
                               "(train it with 'difflab train-autoencoder' to the end)")
@@ -205,9 +200,7 @@ class LatentDiffusionObjective(DiffusionObjective):
     def begin(self, engine) -> None:
         """Copy the autoencoder's weights and record (without the latents) into the run directory."""
         source, target = Path(self.config.data.autoencoder), engine.run.path
-        from difflab.checkpoint import _read_json
-
-        record = _read_json(source / RECORD_FILE)
+        record = read_json(source / RECORD_FILE)
         for key in ("latents", "latents_sha256"):
             record.pop(key, None)
         shutil.copyfile(source / WEIGHTS_FILE, target / f".{WEIGHTS_FILE}.copy.tmp")

@@ -31,26 +31,18 @@ def train_autoencoder(cfg, out_dir: Union[str, Path], resume: bool = False, over
     """Train the autoencoder ``cfg.autoencoder`` describes on ``cfg.data`` into ``out_dir``; returns the objective
     (its ``final_meta`` holds the scale factor). Raises ``TrainingError``, ``ConfigError``, ``DataError``."""
     from difflab.data import load_dataset
-    from difflab.engine import Engine, RunDir, Settings
-    from difflab.engine.stream import init_distributed, resolve_device
     from difflab.objectives.autoencoder import AutoencoderObjective
+    from difflab.training import train_objective
 
-    cfg.validate()
-    RunDir(out_dir, AutoencoderObjective.artifacts, noun="autoencoder").check(resume, overwrite)
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
-    device = resolve_device(cfg.train.device, device)
-    ctx = init_distributed(device)
-    try:
-        if dataset is None:
-            d = cfg.data
-            dataset = load_dataset(d.name, path=d.path, n=d.n, seed=cfg.train.seed, **d.options)
-        objective = AutoencoderObjective(cfg, dataset, device)
-        settings = Settings.from_train(cfg.train, sample_every=0)
-        Engine(objective, settings, out_dir, device, ctx, progress, noun="autoencoder").fit(resume, overwrite)
-    finally:
-        ctx.close()
-    if progress and ctx.main:
+    def build(device):
+        d = cfg.data
+        data = dataset if dataset is not None else load_dataset(d.name, path=d.path, n=d.n, seed=cfg.train.seed,
+                                                                **d.options)
+        return AutoencoderObjective(cfg, data, device)
+
+    objective, main = train_objective(cfg, out_dir, build, AutoencoderObjective.artifacts, "autoencoder", resume, overwrite,
+                                progress, device, sample_every=0)
+    if progress and main:
         print(f"difflab: scale factor {objective.final_meta['scale_factor']:.5g} (1/std of the latents); "
               f"wrote {out_dir}", flush=True)
     return objective
@@ -103,23 +95,16 @@ def evaluate_autoencoder(ae_dir: Union[str, Path], picture: Optional[Union[str, 
 
 # --- the commands ----------------------------------------------------------------------------------------------------
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG", help="YAML config with data, autoencoder and train sections")
-    p.add_argument("--out", required=True, metavar="AE_RUN", help="the autoencoder's run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in AE_RUN from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in AE_RUN")
-    p.add_argument("--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
-                   help="override config values, e.g. autoencoder.kl_weight=1e-4 train.steps=500")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: train.device)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    from difflab.commands import add_run_arguments
+
+    add_run_arguments(p, "YAML config with data, autoencoder and train sections", "AE_RUN", "autoencoder run",
+                      "autoencoder.kl_weight=1e-4 train.steps=500")
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from difflab.config import load_config
+    from difflab.commands import run_training
 
-    cfg = load_config(args.config, args.set)
-    train_autoencoder(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                      device=args.device)
-    return 0
+    return run_training(train_autoencoder, args)
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
