@@ -197,3 +197,28 @@ def test_cross_attention_to_a_single_token_is_an_additive_bias():
     assert torch.allclose(attn(torch.randn(3, 10, 8), c), out, atol=1e-6)  # the queries do not matter
     two = torch.cat([c, torch.randn(3, 1, 5)], dim=1)  # two tokens: the queries choose between them
     assert not torch.allclose(attn(x, two)[:, 0], attn(x, two)[:, 1], atol=1e-4)
+
+
+def test_a_latent_run_resumes_only_with_its_own_autoencoder_and_nll_refuses_it(runs, tmp_path, capsys):
+    """--resume continues from the checkpoint; another autoencoder run, or the same one retrained in place, is
+    refused in one line; difflab nll says it does not apply to latents."""
+    from difflab.commands.autoencoder import train_autoencoder
+
+    ae_dir, ldm_dir, _ = runs
+    copy = tmp_path / "ldm"
+    shutil.copytree(ldm_dir, copy)
+    config = tmp_path / "ldm.yaml"
+    config.write_text((ldm_dir / "config.yaml").read_text())
+    code, _, err = cli(capsys, "train", config, "--out", copy, "--resume", "--quiet", "--set", "train.steps=5")
+    assert code == 0, err
+    other = tmp_path / "ae"
+    train_autoencoder(load_config(TINY, [*AE, "train.steps=2"]), other, progress=False)
+    code, _, err = cli(capsys, "train", config, "--out", copy, "--resume", "--quiet", "--set", "train.steps=6",
+                       f"data.autoencoder={other}")
+    assert code == 2 and "cannot resume with a different data.autoencoder" in err
+    code, _, err = cli(capsys, "nll", copy)
+    assert code == 2 and "latent run" in err
+    record = json.loads((copy / "autoencoder.json").read_text())  # as if AE_RUN had been retrained in place
+    (copy / "autoencoder.json").write_text(json.dumps({**record, "sha256": "0" * 64}))
+    code, _, err = cli(capsys, "train", config, "--out", copy, "--resume", "--quiet", "--set", "train.steps=6")
+    assert code == 2 and "not the one this run started with" in err and len(err.strip().splitlines()) == 1

@@ -75,6 +75,8 @@ class DataConfig:
             raise ConfigError(f"data.n must be >= 1, got {self.n}")
         if self.name in PATH_DATASETS and not self.path:
             raise ConfigError(f"data set {self.name!r} reads your files: set data.path")
+        if self.autoencoder is not None and not self.autoencoder.strip():
+            raise ConfigError("data.autoencoder must name an autoencoder run directory (or be null)")
 
 
 NETWORK_FIELDS = {

@@ -38,6 +38,7 @@ import torch
 
 from difflab.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, read_json, read_record
 from difflab.config import ConfigError, RunConfig
+from difflab.engine.errors import TrainingError
 from difflab.networks.autoencoder import KLAutoencoder
 from difflab.objectives.diffusion import DiffusionObjective
 from difflab.paths import ContinuousPath
@@ -198,9 +199,13 @@ class LatentDiffusionObjective(DiffusionObjective):
         self.autoencoder = load_autoencoder(cfg.data.autoencoder, device=device)
 
     def begin(self, engine) -> None:
-        """Copy the autoencoder's weights and record (without the latents) into the run directory."""
+        """Copy the autoencoder's weights and record (without the latents) into the run directory; a resumed run
+        must name the autoencoder it started with."""
         source, target = Path(self.config.data.autoencoder), engine.run.path
         record = read_json(source / RECORD_FILE)
+        if (target / RECORD_FILE).is_file() and read_json(target / RECORD_FILE).get("sha256") != record["sha256"]:
+            raise TrainingError(f"the autoencoder in {str(source)!r} is not the one this run started with (its copy "
+                                f"in {str(target)!r}): resume with that one, or start again with --overwrite")
         for key in ("latents", "latents_sha256"):
             record.pop(key, None)
         shutil.copyfile(source / WEIGHTS_FILE, target / f".{WEIGHTS_FILE}.copy.tmp")
