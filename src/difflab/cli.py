@@ -85,6 +85,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--class", dest="label", type=int, default=None,
                    help="class label for a class-conditional model (-1: unconditional; default: every class in turn)")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help='the prompt of a run trained with model.prompt, e.g. "3 then 7" ("": unconditional)')
     p.add_argument("--out", required=True, metavar="FILE", help="FILE.png (grid or scatter plot) or FILE.npz (arrays)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per network batch (default: 256)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -118,6 +120,10 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.classifier_scale is not None and args.classifier is None:
         raise ValueError("--classifier-scale needs --classifier CLS_DIR")
     pipe = load_run(args.run_dir, ema=not args.no_ema, device=args.device)
+    if args.prompt is not None:
+        if args.label is not None or not hasattr(pipe.net, "label_of"):
+            raise ValueError("--prompt needs a run trained with model.prompt: true, and no --class")
+        args.label = pipe.net.label_of(args.prompt)
     image = len(pipe.output_shape) == 3
     if out.suffix == ".png" and not image and pipe.output_shape != (2,):
         raise ValueError(f"a .png needs images or 2-D points; this run's data has shape {pipe.output_shape}: use .npz")
@@ -158,6 +164,7 @@ examples:
   difflab sample runs/digits8 --sampler ddpm --steps 1000 --num 64 --class 3 --out threes.png
   difflab sample runs/moons --sampler ddim --steps 20 --eta 1 --num 5000 --out moons.npz
   difflab sample runs/digits8 --class 7 --guidance-scale 3 --num 64 --out sevens.png
+  difflab sample runs/ldm_mnist_pairs --prompt "3 then 7" --guidance-scale 3 --out pairs.png
   difflab sample runs/digits8 --guidance-scale 3 --guidance-interval 0 600 --guidance-rescale 0.7 --out cfg.png
   difflab sample runs/digits8 --class 7 --classifier runs/digits8-classifier --classifier-scale 2 --out sevens.png
 """

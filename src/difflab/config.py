@@ -97,6 +97,9 @@ class ModelConfig:
     improved-DDPM variance interpolation (SPEC §3). The remaining fields are the network's sizes with
     the networks' own defaults; :data:`NETWORK_FIELDS` says which apply to which ``kind``.
     ``attn_resolutions: null`` puts self-attention at the lowest resolution only, ``[]`` nowhere.
+    ``prompt: true`` (a unet) conditions on the prompt of each class (``"3"``; ``"3 then 7"`` on the two-digit
+    canvas) through a text encoder of width ``text_dim`` and ``text_depth`` layers and the U-Net's cross-attention,
+    instead of a class embedding (:mod:`difflab.prompts`).
     """
 
     kind: str = field(default="mlp", metadata=_choices("mlp", "unet"))
@@ -114,6 +117,10 @@ class ModelConfig:
     num_heads: int = 4
     dropout: float = 0.0
     context_dim: Optional[int] = None
+    # prompts by cross-attention (unet; difflab.prompts)
+    prompt: bool = False
+    text_dim: int = 64
+    text_depth: int = 2
 
     def validate(self) -> None:
         for name in ("hidden", "time_dim", "base_channels", "num_heads", "num_res_blocks"):
@@ -129,6 +136,15 @@ class ModelConfig:
             raise ConfigError(f"model.time_dim must be even (sin/cos pairs), got {self.time_dim}")
         if self.context_dim is not None:
             _at_least("model.context_dim", self.context_dim, 1)
+        _at_least("model.text_dim", self.text_dim, 1)
+        _at_least("model.text_depth", self.text_depth, 1)
+        if self.prompt:
+            if self.kind != "unet" or not self.conditional:
+                raise ConfigError("model.prompt needs model.kind unet and model.conditional: true (the classes' "
+                                  "prompts are the condition)")
+            if self.context_dim is not None or self.text_dim % self.num_heads:
+                raise ConfigError("model.prompt sets the cross-attention width to model.text_dim: leave "
+                                  "model.context_dim null, and make text_dim divisible by model.num_heads")
 
     def network_kwargs(self) -> dict:
         """The keyword arguments of ``build_network`` for this ``kind``."""

@@ -31,12 +31,20 @@ from difflab.utils import default_device
 def build_model(cfg: RunConfig, data_shape: Sequence[int], num_classes: int = 0) -> nn.Module:
     """The network ``cfg.model`` describes for per-sample data of shape ``data_shape``.
 
-    ``num_classes`` is used only when ``cfg.model.conditional`` (otherwise the network is unconditional).
+    ``num_classes`` is used only when ``cfg.model.conditional`` (otherwise the network is unconditional); with
+    ``cfg.model.prompt`` the classes' prompts reach the U-Net by cross-attention (:class:`~difflab.prompts.PromptUNet`).
     """
     from difflab.networks import build_network
 
-    return build_network(cfg.model.kind, tuple(data_shape), num_classes if cfg.model.conditional else 0,
-                         learned_variance=cfg.model.learned_variance, **cfg.model.network_kwargs())
+    m = cfg.model
+    if m.prompt:  # classes as prompts, read by cross-attention (SPEC §5; difflab.prompts)
+        from difflab.prompts import PromptUNet, class_prompts
+
+        unet = build_network("unet", tuple(data_shape), 0, learned_variance=m.learned_variance,
+                             **{**m.network_kwargs(), "context_dim": m.text_dim})
+        return PromptUNet(unet, class_prompts(cfg.data.name, num_classes), m.text_dim, m.text_depth, m.num_heads)
+    return build_network(m.kind, tuple(data_shape), num_classes if m.conditional else 0,
+                         learned_variance=m.learned_variance, **m.network_kwargs())
 
 
 def build_denoiser(cfg: RunConfig, net: Callable, path: Optional[GaussianPath] = None) -> NetworkDenoiser:
