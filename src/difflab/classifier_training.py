@@ -55,9 +55,9 @@ def train_classifier(cfg: RunConfig, out_dir: Union[str, Path], overwrite: bool 
         data = dataset if dataset is not None else training_data(cfg)  # a latent run's classifier reads its latents
         return ClassifierObjective(cfg, data, device)
 
-    objective, main = train_objective(cfg, out_dir, build, ClassifierObjective.artifacts, "classifier", resume, overwrite,
-                                progress, device, steps=cc.steps, batch_size=cc.batch_size, log_every=cc.log_every,
-                                sample_every=0, mixed_precision="no")
+    objective, main = train_objective(cfg, out_dir, build, ClassifierObjective.artifacts, "classifier", resume,
+                                      overwrite, progress, device, steps=cc.steps, batch_size=cc.batch_size,
+                                      log_every=cc.log_every, sample_every=0, mixed_precision="no")
     if progress and main:
         acc = ", ".join(f"t={t}: {a:.3f}" for t, a in objective.final_meta["accuracy_by_time"].items())
         print(f"difflab: {objective.final_meta['accuracy_on']} accuracy {acc}; wrote {out_dir}", flush=True)

@@ -40,8 +40,8 @@ def train_autoencoder(cfg, out_dir: Union[str, Path], resume: bool = False, over
                                                                 **d.options)
         return AutoencoderObjective(cfg, data, device)
 
-    objective, main = train_objective(cfg, out_dir, build, AutoencoderObjective.artifacts, "autoencoder", resume, overwrite,
-                                progress, device, sample_every=0)
+    objective, main = train_objective(cfg, out_dir, build, AutoencoderObjective.artifacts, "autoencoder", resume,
+                                      overwrite, progress, device, sample_every=0)
     if progress and main:
         print(f"difflab: scale factor {objective.final_meta['scale_factor']:.5g} (1/std of the latents); "
               f"wrote {out_dir}", flush=True)

@@ -6,9 +6,10 @@ Per example (sums over pixels and latent entries, Stable Diffusion's scale)::
     L     = L_rec + kl_weight · KL(N(μ, σ²) || N(0, I)) [+ disc_weight · λ · L_adv after disc_start steps]
 
 with ``x̂ = D(μ + σ ε)`` (re-parameterised, SPEC §1). The perceptual term compares the channel-normalised
-activations ``φ̂_l`` (the perceptual distance counted once per pixel, ``CHW`` times, as Stable Diffusion's
-``LPIPSWithDiscriminator`` adds it to every pixel's L1 before summing, so ``perceptual_weight: 1`` is its value) of the three stages of the project's own classifier (the feature network of FD-<dataset>,
-:func:`difflab.evaluation.features.feature_network`, frozen): no pretrained VGG/LPIPS can be downloaded here.
+activations ``φ̂_l`` of the three stages of the project's own classifier (the feature network of FD-<dataset>,
+:func:`difflab.evaluation.features.feature_network`, frozen): no pretrained VGG/LPIPS can be downloaded here. It is
+counted once per pixel (``CHW`` times), as Stable Diffusion's ``LPIPSWithDiscriminator`` adds it to every pixel's
+L1 before summing, so ``perceptual_weight: 1`` is its value.
 With ``disc_weight > 0`` a :class:`~difflab.networks.autoencoder.PatchDiscriminator` (module ``discriminator``)
 is trained with the hinge loss, and the decoder gets ``L_adv = −mean D(x̂)`` weighted adaptively
 (Esser et al. 2021, eq. 7) by ``λ = ‖∇_w L_rec‖ / (‖∇_w L_adv‖ + δ)`` at the decoder's last layer ``w``,
@@ -28,8 +29,8 @@ import torch
 from difflab.config import ConfigError, RunConfig
 from difflab.engine.loop import Objective, Trainable, require_same
 from difflab.engine.stream import step_seed
-from difflab.latent import LATENTS_FILE, RECORD_FILE, WEIGHTS_FILE, TrainedAutoencoder, build_autoencoder, \
-    save_autoencoder, scale_factor
+from difflab.latent import (LATENTS_FILE, RECORD_FILE, WEIGHTS_FILE, TrainedAutoencoder, build_autoencoder,
+                            save_autoencoder, scale_factor)
 from difflab.networks.autoencoder import PatchDiscriminator, hinge_d_loss, kl_to_standard_normal
 from difflab.objectives.classifier import split
 
@@ -37,6 +38,8 @@ ADAPTIVE_DELTA = 1e-4
 """``δ`` in ``λ = ‖∇L_rec‖ / (‖∇L_adv‖ + δ)`` (taming-transformers' value): keeps λ finite when ∇L_adv vanishes."""
 ADAPTIVE_MAX = 1e4
 """λ is clamped to ``[0, 1e4]`` (taming-transformers' clamp)."""
+UNIT_EPS = 1e-10
+"""Added to the channel norm before dividing by it (LPIPS's ``normalize_tensor``), so zero activations stay finite."""
 RESUME_MUST_MATCH = ("data", "autoencoder", "train.seed", "train.batch_size")
 """Config entries a resumed autoencoder must share with its checkpoint."""
 
@@ -65,7 +68,7 @@ class Perceptual:
         h, h_hat, total = x, x_hat, torch.zeros(x.shape[0], device=x.device)
         for stage in self.stages:
             h, h_hat = stage(h), stage(h_hat)
-            unit, unit_hat = (v / (v.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for v in (h, h_hat))
+            unit, unit_hat = (v / (v.pow(2).sum(1, keepdim=True).sqrt() + UNIT_EPS) for v in (h, h_hat))
             total = total + (unit - unit_hat).pow(2).sum(1).flatten(1).mean(1)
         return total
 
