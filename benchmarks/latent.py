@@ -77,7 +77,6 @@ def diffusion_stage(out: Path, name: str, config: str, overrides: list, num: int
             "run_dir": str(run_dir)}
 
 
-@torch.no_grad()
 def pairs_stage(out: Path, threads: list, ae_steps: int, ldm_steps: int, num: int, sample_steps: int,
                 scale: float = 3.0) -> dict:
     """The two-digit canvas: an autoencoder and a prompt LDM (configs/ldm_mnist_pairs.yaml) on ``mnist_pairs``; then
