@@ -18,7 +18,7 @@ the test suite checks the two samplers agree through :func:`difflab.equivalence.
 end of the autoencoder run) times the scale: :func:`training_data` returns them as the data set (its shape is the
 latent's), for ``difflab train`` and ``difflab train-classifier`` alike. The run reads ``AE_RUN`` because the user
 named it in the config. At the start of training the autoencoder's weights and record are *copied into the latent
-run* (:class:`LatentDiffusionObjective`), and :func:`difflab.pipeline.load_run` reads that copy only (checked
+run* (:class:`~difflab.objectives.latent.LatentDiffusionObjective`), and :func:`difflab.pipeline.load_run` reads that copy only (checked
 against the SHA-256 the checkpoints record) — a run directory never makes difflab read another path it names.
 Every sampler, classifier-free and classifier guidance run on the latents unchanged; :class:`LatentDecoder` maps
 the result ``z'`` to images ``D(z' / c)``, so ``difflab sample`` and ``difflab eval`` see images.
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +37,7 @@ import torch
 
 from difflab.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, read_json, read_record
 from difflab.config import ConfigError, RunConfig
-from difflab.engine.errors import TrainingError
 from difflab.networks.autoencoder import KLAutoencoder
-from difflab.objectives.diffusion import DiffusionObjective
 from difflab.paths import ContinuousPath
 from difflab.utils import default_device
 
@@ -186,44 +183,6 @@ class LatentDecoder:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode(z / self.autoencoder.scale_factor, self.batch_size)
-
-
-class LatentDiffusionObjective(DiffusionObjective):
-    """The diffusion objective on an autoencoder's scaled latents: copies the autoencoder into the run when
-    training begins, records its hash and scale in every checkpoint, and decodes its sample pictures."""
-
-    artifacts = (RECORD_FILE, WEIGHTS_FILE)
-
-    def __init__(self, cfg: RunConfig, dataset, device: torch.device):
-        super().__init__(cfg, dataset, device)
-        self.autoencoder = load_autoencoder(cfg.data.autoencoder, device=device)
-
-    def begin(self, engine) -> None:
-        """Copy the autoencoder's weights and record (without the latents) into the run directory; a resumed run
-        must name the autoencoder it started with."""
-        source, target = Path(self.config.data.autoencoder), engine.run.path
-        record = read_json(source / RECORD_FILE)
-        if (target / RECORD_FILE).is_file() and read_json(target / RECORD_FILE).get("sha256") != record["sha256"]:
-            raise TrainingError(f"the autoencoder in {str(source)!r} is not the one this run started with (its copy "
-                                f"in {str(target)!r}): resume with that one, or start again with --overwrite")
-        for key in ("latents", "latents_sha256"):
-            record.pop(key, None)
-        shutil.copyfile(source / WEIGHTS_FILE, target / f".{WEIGHTS_FILE}.copy.tmp")
-        (target / f".{WEIGHTS_FILE}.copy.tmp").replace(target / WEIGHTS_FILE)
-        atomic_write_json(target / RECORD_FILE, record)
-        load_autoencoder(target)  # the copy is whole
-
-    def meta(self) -> dict:
-        ae = self.autoencoder
-        return {**super().meta(), "data_kind": "image",
-                "latent": {"sha256": ae.sha256, "scale_factor": ae.scale_factor,
-                           "image_shape": list(ae.meta["image_shape"]), "source": str(self.config.data.autoencoder)}}
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return LatentDecoder(self.autoencoder)(x)
-
-    def describe(self) -> str:
-        return f"latent diffusion (scale factor {self.autoencoder.scale_factor:.4g}): {super().describe()}"
 
 
 def load_latent_decoder(run_dir: Union[str, Path], latent_meta: dict, device=None) -> LatentDecoder:

@@ -112,7 +112,8 @@ def train(cfg: RunConfig, run_dir: Union[str, Path], resume: bool = False, overw
         if tc.batch_size % ctx.world:
             raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes "
                               f"({ctx.world})")
-        from difflab.latent import LatentDiffusionObjective, training_data
+        from difflab.latent import training_data
+        from difflab.objectives.latent import LatentDiffusionObjective
 
         if dataset is None:
             dataset = training_data(cfg)
