@@ -123,10 +123,11 @@ def report(res: dict) -> str:
     lines = ["# Latent vs pixel diffusion on MNIST-5k (benchmarks/latent.py)", "",
              f"Machine: {res['machine']['cpu']}, {res['machine']['logical_cpus']} logical CPUs shared with other jobs "
              f"(1-min load average {res['machine']['load_average_1min']:.1f} at the start), torch threads "
-             f"{res['threads']}. Wall times are on that shared machine.", "",
-             "## KL weight sweep (autoencoder, perceptual term off, same steps each)", "",
-             "| kl_weight | steps | MSE | PSNR dB | acc(rec)/acc(orig) | FD / floor | scale factor | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{res['threads']}. Wall times are on that shared machine."]
+    if res["kl_sweep"]:
+        lines += ["", "## KL weight sweep (autoencoder, perceptual term off, same steps each)", "",
+                  "| kl_weight | steps | MSE | PSNR dB | acc(rec)/acc(orig) | FD / floor | scale factor | train s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["kl_sweep"]:
         lines.append(f"| {r['kl_weight']:g} | {r['steps']} | {r['mse']:.4f} | {r['psnr_db']:.2f} | "
                      f"{r['class_accuracy_ratio']:.4f} | {r['fd']:.3g} / {r['fd_floor']:.3g} | {r['scale_factor']:.4g} | "
