@@ -1,5 +1,5 @@
-"""The objectives every engine contract test runs (tests/test_engine.py): diffusion and the classifier through their
-commands, and a toy two-module objective (a generator and a critic with two optimisers, the shape of a GAN).
+"""The objectives every engine contract test runs (tests/test_engine.py): diffusion, the classifier and the KL
+autoencoder (with its patch discriminator switched on after 2 steps) through their commands, and a toy two-module objective (a generator and a critic with two optimisers, the shape of a GAN).
 
 Run as ``python -m tests.engine_objectives KIND RUN_DIR STEPS [--resume] [KEY=VALUE ...]`` (from the repository
 root) it trains one of them, so tests can SIGKILL a real process; :func:`run` does the same in this process.
@@ -21,7 +21,10 @@ from difflab.engine.rundir import METRICS_FILE
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny2d.yaml"
 BASE = ["train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.num_threads=1"]
-KINDS = ("diffusion", "classifier", "two-module")
+KINDS = ("diffusion", "classifier", "autoencoder", "two-module")
+AUTOENCODER = ["data.name=digits8", "data.n=64", "autoencoder.latent_channels=2", "autoencoder.base_channels=8",
+               "autoencoder.disc_weight=0.5", "autoencoder.disc_start=2", "train.batch_size=8", "train.device=cpu"]
+"""The engine tests' autoencoder: 64 8×8 digits, a few thousand parameters, the adversarial term from step 3."""
 
 
 class TwoModule(Objective):
@@ -52,8 +55,9 @@ class TwoModule(Objective):
 
 def config(kind: str, steps: int, overrides=()):
     key = "classifier.steps" if kind == "classifier" else "train.steps"
-    extra = ["classifier.width=16", "classifier.time_dim=16", "classifier.batch_size=32", "classifier.log_every=1"]
-    return load_config(TINY, [*BASE, *(extra if kind == "classifier" else []), f"{key}={steps}", *overrides])
+    extra = {"classifier": ["classifier.width=16", "classifier.time_dim=16", "classifier.batch_size=32",
+                            "classifier.log_every=1"], "autoencoder": AUTOENCODER}.get(kind, [])
+    return load_config(TINY, [*BASE, *extra, f"{key}={steps}", *overrides])
 
 
 def run(kind: str, run_dir, steps: int, *overrides, resume: bool = False, overwrite: bool = False):
@@ -67,6 +71,10 @@ def run(kind: str, run_dir, steps: int, *overrides, resume: bool = False, overwr
         from difflab.classifier_training import train_classifier
 
         return train_classifier(cfg, run_dir, resume=resume, overwrite=overwrite, progress=False, device="cpu")
+    if kind == "autoencoder":
+        from difflab.commands.autoencoder import train_autoencoder
+
+        return train_autoencoder(cfg, run_dir, resume=resume, overwrite=overwrite, progress=False, device="cpu")
     return Engine(TwoModule(cfg), Settings.from_train(cfg.train), run_dir).fit(resume, overwrite)
 
 

@@ -79,7 +79,14 @@ def base_runs(tmp_path_factory) -> dict:
     assert main(["train-classifier", str(TINY), "--out", str(root / "cls"), "--quiet",
                  "--set", "classifier.steps=3", "classifier.width=8", "classifier.depth=1",
                  "classifier.time_dim=8"]) == 0
-    return {"run": root / "run", "cond": root / "cond", "cls": root / "cls"}
+    latent = ["data.name=digits8", "data.n=64", "train.num_threads=1", "train.steps=2", "train.batch_size=16",
+              "train.checkpoint_every=2"]
+    assert main(["train-autoencoder", str(TINY), "--out", str(root / "ae"), "--quiet", "--set", *latent,
+                 "autoencoder.latent_channels=2", "autoencoder.base_channels=8", "autoencoder.held_out=0.25"]) == 0
+    assert main(["train", str(TINY), "--out", str(root / "ldm"), "--quiet", "--set", *latent,
+                 f"data.autoencoder={root / 'ae'}", "model.kind=unet", "model.base_channels=8",
+                 "model.channel_mults=[1]", "model.num_res_blocks=1", "model.attn_resolutions=[]"]) == 0
+    return {"run": root / "run", "cond": root / "cond", "cls": root / "cls", "ae": root / "ae", "ldm": root / "ldm"}
 
 
 def copy_run(base: Path, dest: Path) -> Path:
@@ -587,6 +594,33 @@ def _(folder, runs):
     run = copy_run(runs["run"], folder / "run")
     _cifar_run(run, folder)
     return ["eval", run, "--num", "8", "--quiet", "--data", folder / "cifar"]
+
+
+# --- crafted latent runs and autoencoders ------------------------------------------------------------------------
+def _ae_record(fn):
+    return lambda run, folder: edit_json(run / "autoencoder.json", fn)
+
+
+run_case("latent: autoencoder image_shape huge", _ae_record(_set(("meta", "image_shape"), [4096, 4096, 4096])),
+         "image_shape", base="ldm")
+run_case("latent: autoencoder scale_factor NaN", _ae_record(_set(("meta", "scale_factor"), float("nan"))),
+         "scale_factor", base="ldm")
+run_case("latent: autoencoder weights traversal", _ae_record(_set(("weights",), "../../run/x.safetensors")), "weights",
+         base="ldm")
+run_case("latent: autoencoder weights a pickle",
+         lambda run, folder: write_weights(run / "autoencoder.json", pickle.dumps(_Payload("/nonexistent/never"))), "",
+         base="ldm")
+run_case("latent: meta.latent not a mapping", _record(_set(("meta", "latent"), [1])), "autoencoder", base="ldm")
+run_case("latent: autoencoder config huge", _ae_record(_set(("config", "autoencoder", "base_channels"), 10**9)),
+         "autoencoder.base_channels", base="ldm")
+
+
+@case("train: crafted autoencoder latents path", "latents")
+def _(folder, runs):
+    ae = copy_run(runs["ae"], folder / "ae")
+    edit_json(ae / "autoencoder.json", _set(("latents",), "../../../../dev/zero"))
+    return ["train", TINY, "--out", folder / "out", "--quiet", "--set", "data.name=digits8", f"data.autoencoder={ae}",
+            "model.kind=unet", "model.base_channels=8", "model.channel_mults=[1]", "train.steps=1"]
 
 
 # --- crafted classifiers ------------------------------------------------------------------------------------

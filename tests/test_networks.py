@@ -139,8 +139,10 @@ def test_bad_sizes_and_options_raise():
         UNet(image_size=30, channel_mults=(1, 2, 2))
     with pytest.raises(ValueError, match="attn_resolutions"):
         UNet(image_size=32, attn_resolutions=(7,))
-    with pytest.raises(ValueError, match="square"):
-        build_network("unet", (1, 8, 6))
+    with pytest.raises(ValueError, match="divisible by 2"):
+        build_network("unet", (1, 8, 6))  # a rectangle whose width does not halve twice
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        build_network("unet", (8, 8))
     with pytest.raises(ValueError, match="choose one of"):
         build_network("transformer", (2,))
     with pytest.raises(ValueError, match="allowed"):
@@ -166,3 +168,11 @@ def test_network_denoiser_splits_learned_variance(gen):
     net = build_network("unet", (1, 8, 8), learned_variance=True, **TINY_UNET)
     pred = NetworkDenoiser(net, path, "eps", learned_variance=True)(torch.randn(2, 1, 8, 8, generator=gen), 50)
     assert pred.eps.shape == pred.var_interp.shape == (2, 1, 8, 8)
+
+
+def test_a_rectangular_unet_keeps_its_shape():
+    """(H, W) = (8, 16), as the 28×56 two-digit canvas: two levels, attention by height at 4."""
+    net = build_network("unet", (1, 8, 16), base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                        attn_resolutions=(4,), num_heads=2, context_dim=6)
+    x = torch.randn(2, 1, 8, 16)
+    assert net(x, torch.tensor([3.0, 7.0]), context=torch.randn(2, 3, 6)).shape == x.shape

@@ -323,6 +323,22 @@ def read_verified(json_file: Path, fmt: str, kind: str, max_weight_bytes: Option
     return record, tensors
 
 
+def read_named_record(directory: Union[str, Path], record_name: str, fmt: str, kind: str, how: str,
+                      max_weight_bytes: Optional[int] = None) -> tuple:
+    """:func:`read_verified` of ``directory/record_name``; ``FileNotFoundError`` (saying ``how`` to write one) when
+    the directory has no such record."""
+    record_file = Path(directory) / record_name
+    if not record_file.is_file():
+        raise FileNotFoundError(f"no {kind} in {str(directory)!r} (missing {record_name}; {how})")
+    return read_verified(record_file, fmt, kind, max_weight_bytes=max_weight_bytes)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of at most :data:`~difflab.limits.MAX_RECORD_BYTES`; :class:`CheckpointError` naming the file
+    when it is larger or not valid JSON."""
+    return _read_json(path, limits.MAX_RECORD_BYTES)
+
+
 def safetensors_header(weights_file: Path, size: int) -> dict:
     """Read and check the header of a ``.safetensors`` file without reading its tensors: an 8-byte
     little-endian length of at most :data:`~difflab.limits.MAX_SAFETENSORS_HEADER`, a JSON object whose

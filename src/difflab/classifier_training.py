@@ -21,8 +21,6 @@ from typing import Union
 from difflab.classifier_store import (FORMAT, RECORD_FILE, WEIGHTS_FILE, TrainedClassifier, load_classifier,
                                       network_time_scale, path_key, save_classifier)
 from difflab.config import RunConfig
-from difflab.engine import Engine, RunDir, Settings
-from difflab.engine.stream import init_distributed, resolve_device
 from difflab.objectives.classifier import (EVAL_TIME_FRACTIONS, ClassifierObjective, accuracy_by_time, eval_times,
                                            split)
 
@@ -47,28 +45,20 @@ def train_classifier(cfg: RunConfig, out_dir: Union[str, Path], overwrite: bool 
     Raises: :class:`~difflab.engine.TrainingError` (a run directory in the way or in use, divergence),
         ``ConfigError``, ``DataError``.
     """
-    import torch
+    from difflab.training import train_objective
 
-    cfg.validate()
     cc = cfg.classifier
-    RunDir(out_dir, ClassifierObjective.artifacts, noun="classifier").check(resume, overwrite)
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
-    device = resolve_device(cfg.train.device, device)
-    ctx = init_distributed(device)
-    try:
-        if dataset is None:
-            from difflab.data import load_dataset
 
-            dataset = load_dataset(cfg.data.name, path=cfg.data.path, n=cfg.data.n, seed=cfg.train.seed,
-                                   **cfg.data.options)
-        objective = ClassifierObjective(cfg, dataset, device)
-        settings = Settings.from_train(cfg.train, steps=cc.steps, batch_size=cc.batch_size, log_every=cc.log_every,
-                                       sample_every=0, mixed_precision="no")
-        Engine(objective, settings, out_dir, device, ctx, progress, noun="classifier").fit(resume, overwrite)
-    finally:
-        ctx.close()
-    if progress and ctx.main:
+    def build(device):
+        from difflab.latent import training_data
+
+        data = dataset if dataset is not None else training_data(cfg)  # a latent run's classifier reads its latents
+        return ClassifierObjective(cfg, data, device)
+
+    objective, main = train_objective(cfg, out_dir, build, ClassifierObjective.artifacts, "classifier", resume,
+                                      overwrite, progress, device, steps=cc.steps, batch_size=cc.batch_size,
+                                      log_every=cc.log_every, sample_every=0, mixed_precision="no")
+    if progress and main:
         acc = ", ".join(f"t={t}: {a:.3f}" for t, a in objective.final_meta["accuracy_by_time"].items())
         print(f"difflab: {objective.final_meta['accuracy_on']} accuracy {acc}; wrote {out_dir}", flush=True)
     return TrainedClassifier(objective.net, cfg, objective.final_meta, Path(out_dir))

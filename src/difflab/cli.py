@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 from difflab.commands import evaluate, experiment
 from difflab.commands import demo, train_classifier
-from difflab.commands import nll, reflow
+from difflab.commands import autoencoder, nll, reflow
 from difflab.commands import arguments
 from difflab.limits import MAX_CLASSES
 
@@ -87,6 +87,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=arguments.seed, default=0, help="random seed (default: 0)")
     p.add_argument("--class", dest="label", type=arguments.bounded_int(-1, MAX_CLASSES), default=None,
                    help="class label for a class-conditional model (-1: unconditional; default: every class in turn)")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help='the prompt of a run trained with model.prompt, e.g. "3 then 7" ("": unconditional)')
     p.add_argument("--out", required=True, metavar="FILE", help="FILE.png (grid or scatter plot) or FILE.npz (arrays)")
     p.add_argument("--batch-size", type=arguments.count, default=256, help="samples per network batch (default: 256)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -172,9 +174,13 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.classifier_scale is not None and args.classifier is None:
         raise ValueError("--classifier-scale needs --classifier CLS_DIR")
     pipe = load_run(args.run_dir, ema=not args.no_ema, device=args.device)
-    image = len(pipe.data_shape) == 3
-    if out.suffix == ".png" and not image and pipe.data_shape != (2,):
-        raise ValueError(f"a .png needs images or 2-D points; this run's data has shape {pipe.data_shape}: use .npz")
+    if args.prompt is not None:
+        if args.label is not None or not hasattr(pipe.net, "label_of"):
+            raise ValueError("--prompt needs a run trained with model.prompt: true, and no --class")
+        args.label = pipe.net.label_of(args.prompt)
+    image = len(pipe.output_shape) == 3
+    if out.suffix == ".png" and not image and pipe.output_shape != (2,):
+        raise ValueError(f"a .png needs images or 2-D points; this run's data has shape {pipe.output_shape}: use .npz")
     classifier = None
     if args.classifier is not None:
         from difflab.classifier_training import load_classifier
@@ -221,6 +227,7 @@ examples:
   difflab sample runs/digits8 --sampler ddpm --steps 1000 --num 64 --class 3 --out threes.png
   difflab sample runs/moons --sampler ddim --steps 20 --eta 1 --num 5000 --out moons.npz
   difflab sample runs/digits8 --class 7 --guidance-scale 3 --num 64 --out sevens.png
+  difflab sample runs/ldm_mnist_pairs --prompt "3 then 7" --guidance-scale 3 --out pairs.png
   difflab sample runs/digits8 --guidance-scale 3 --guidance-interval 0 600 --guidance-rescale 0.7 --out cfg.png
   difflab sample runs/digits8 --class 7 --classifier runs/digits8-classifier --classifier-scale 2 --out sevens.png
   difflab sample runs/digits8 --sampler nested --outer 10 --inner 10 --inner-sampler deis --anytime-out anytime/ --out nested.png
@@ -242,6 +249,10 @@ COMMANDS: list[Command] = [
             nll.add_arguments, nll.run, nll.EXAMPLES),
     Command("reflow", "straighten a rectified-flow run: retrain on its own (noise, sample) pairs",
             reflow.add_arguments, reflow.run, reflow.EXAMPLES),
+    Command("train-autoencoder", "train the KL autoencoder of latent diffusion; cache its latents and scale",
+            autoencoder.add_train_arguments, autoencoder.run_train, autoencoder.TRAIN_EXAMPLES),
+    Command("eval-autoencoder", "held-out reconstruction error, class accuracy and FD of an autoencoder",
+            autoencoder.add_eval_arguments, autoencoder.run_eval, autoencoder.EVAL_EXAMPLES),
 ]
 """The subcommands, in the order ``difflab --help`` lists them."""
 

@@ -32,7 +32,8 @@ from difflab.utils import default_device
 def build_model(cfg: RunConfig, data_shape: Sequence[int], num_classes: int = 0) -> nn.Module:
     """The network ``cfg.model`` describes for per-sample data of shape ``data_shape``.
 
-    ``num_classes`` is used only when ``cfg.model.conditional`` (otherwise the network is unconditional).
+    ``num_classes`` is used only when ``cfg.model.conditional`` (otherwise the network is unconditional); with
+    ``cfg.model.prompt`` the classes' prompts reach the U-Net by cross-attention (:class:`~difflab.prompts.PromptUNet`).
     """
     return build_model_sized(cfg, data_shape, num_classes)[0]
 
@@ -46,10 +47,19 @@ def build_model_sized(cfg: RunConfig, data_shape: Sequence[int], num_classes: in
 
     data_shape = check_data_shape(data_shape, "data")
     num_classes = check_int("num_classes", num_classes, 0, MAX_CLASSES)
-    return build_within_limits(
-        lambda: build_network(cfg.model.kind, data_shape, num_classes if cfg.model.conditional else 0,
-                              learned_variance=cfg.model.learned_variance, **cfg.model.network_kwargs()),
-        f"the {cfg.model.kind} network")
+    m = cfg.model
+
+    def build() -> nn.Module:
+        if m.prompt:  # classes as prompts, read by cross-attention (SPEC §5; difflab.prompts)
+            from difflab.prompts import PromptUNet, class_prompts
+
+            unet = build_network("unet", data_shape, 0, learned_variance=m.learned_variance,
+                                 **{**m.network_kwargs(), "context_dim": m.text_dim})
+            return PromptUNet(unet, class_prompts(cfg.data.name, num_classes), m.text_dim, m.text_depth, m.num_heads)
+        return build_network(m.kind, data_shape, num_classes if m.conditional else 0,
+                             learned_variance=m.learned_variance, **m.network_kwargs())
+
+    return build_within_limits(build, f"the {m.kind} network")
 
 
 def build_denoiser(cfg: RunConfig, net: Callable, path: Optional[GaussianPath] = None) -> NetworkDenoiser:
@@ -357,10 +367,17 @@ class Pipeline:
     data_kind: str
     step: int
     device: torch.device
+    decoder: Optional[Callable] = None
+    """Latent runs (SPEC §5): ``z' -> images`` (:class:`~difflab.latent.LatentDecoder`), applied after any sampler."""
 
     @property
     def path(self) -> GaussianPath:
         return self.denoiser.path
+
+    @property
+    def output_shape(self) -> tuple:
+        """The shape of one sample :meth:`sample` returns: the decoder's images, else ``data_shape``."""
+        return tuple(self.decoder.image_shape) if self.decoder is not None else self.data_shape
 
     def labels(self, num: int, y=None) -> Optional[torch.Tensor]:
         """The labels to sample with: ``None`` for an unconditional model; for a class-conditional model
@@ -385,7 +402,7 @@ class Pipeline:
     def sample(self, num: int, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
                y=None, batch_size: int = 256, progress: bool = True, guidance_scale: float = 1.0,
                guidance_interval: Optional[tuple] = None, guidance_rescale: float = 0.0, classifier=None,
-               classifier_scale: float = 0.0, **options) -> Samples:
+               classifier_scale: float = 0.0, decode: bool = True, **options) -> Samples:
         """``num`` samples with ``sampler`` (a key of :data:`SAMPLERS`) in ``steps`` network evaluations.
 
         ``eta`` is DDIM's stochasticity (SPEC §5); ``seed`` fixes every random draw; ``y`` see :meth:`labels`.
@@ -401,7 +418,9 @@ class Pipeline:
           classifier guidance ``ε̂ = ε − w s_t ∇log p_φ(y | x_t, t)`` on top of the (guided) conditional model,
           or of the unconditional model when the run has no classes (labels then come from the classifier).
 
-        Returns ``Samples(x (num, *data_shape) on the CPU, nfe per sample)``.
+        A latent run's samples are decoded to images unless ``decode=False`` (then they are the scaled latents).
+
+        Returns ``Samples(x (num, *output_shape) on the CPU, nfe per sample)``.
         """
         from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance
 
@@ -435,12 +454,16 @@ class Pipeline:
         if by_classifier and (labels < 0).any():
             raise ValueError("classifier guidance needs a class to guide towards, not -1 (unconditional)")
         generator = torch.Generator().manual_seed(int(seed))
-        return generate(denoiser, self.data_shape, num, sampler, steps, generator, labels,
-                        batch_size, progress, self.device, **options)
+        out = generate(denoiser, self.data_shape, num, sampler, steps, generator, labels,
+                       batch_size, progress, self.device, **options)
+        if decode and self.decoder is not None:
+            out = Samples(self.decoder(out.x), out.nfe)
+        return out
 
 
 def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Union[str, int] = "latest") -> Pipeline:
-    """Restore a trained run (the EMA weights unless ``ema=False``) for sampling, in eval mode.
+    """Restore a trained run (the EMA weights unless ``ema=False``) for sampling, in eval mode; a latent run
+    (SPEC §5) gets the decoder of its own copy of the autoencoder (:func:`difflab.latent.load_latent_decoder`).
 
     The run is read as untrusted data: its config and metadata are checked and the network's size counted
     (on the ``meta`` device) before the weights file is read, whose size must fit that network
@@ -466,5 +489,10 @@ def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Un
     data_kind = meta.get("data_kind", "points" if len(data_shape) == 1 else "image")
     if data_kind not in ("points", "image"):
         raise CheckpointError(f"{json_file}: meta.data_kind must be 'points' or 'image', got {data_kind!r:.40}")
+    decoder = None
+    if "latent" in meta:
+        from difflab.latent import load_latent_decoder
+
+        decoder = load_latent_decoder(run_dir, meta["latent"], device)
     return Pipeline(net=net, denoiser=build_denoiser(cfg, net), config=cfg, data_shape=data_shape,
-                    num_classes=num_classes, data_kind=data_kind, step=ckpt.step, device=device)
+                    num_classes=num_classes, data_kind=data_kind, step=ckpt.step, device=device, decoder=decoder)

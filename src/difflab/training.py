@@ -32,7 +32,7 @@ from difflab.engine.rundir import CONFIG_FILE, LOSS_CURVE, METRICS_FILE, SAMPLES
 from difflab.engine.stream import batch_indices, epoch_permutation, init_distributed, resolve_device, step_seed
 from difflab.objectives.diffusion import RESUME_MUST_MATCH, DiffusionObjective
 
-__all__ = ["train", "TrainResult", "TrainingError", "learning_rate", "run_exists", "step_seed", "batch_indices",
+__all__ = ["train", "train_objective", "TrainResult", "TrainingError", "learning_rate", "run_exists", "step_seed", "batch_indices",
            "epoch_permutation", "CONFIG_FILE", "METRICS_FILE", "SAMPLES_DIR", "LOSS_CURVE", "RESUME_MUST_MATCH"]
 
 
@@ -58,6 +58,29 @@ def learning_rate(cfg_train, step: int) -> float:
 def run_exists(run_dir: Union[str, Path]) -> bool:
     """Whether ``run_dir`` holds a difflab run."""
     return RunDir(run_dir).holds_run()
+
+
+def train_objective(cfg: RunConfig, run_dir: Union[str, Path], build: Callable, artifacts: tuple, noun: str,
+                    resume: bool = False, overwrite: bool = False, progress: bool = True, device=None, **settings):
+    """Fit the objective ``build(device)`` returns on the engine into ``run_dir`` (a ``noun`` directory holding
+    ``artifacts``): check the directory early, set ``train.num_threads``, resolve the device, open the process
+    context, run :meth:`Engine.fit` with ``train.*`` and the ``settings`` changes. Returns ``(objective, main)``,
+    ``main`` whether this process is rank 0."""
+    import torch
+
+    cfg.validate()
+    RunDir(run_dir, artifacts, noun=noun).check(resume, overwrite)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device, device)
+    ctx = init_distributed(device)
+    try:
+        objective = build(device)
+        Engine(objective, Settings.from_train(cfg.train, **settings), run_dir, device, ctx, progress,
+               noun=noun).fit(resume, overwrite)
+    finally:
+        ctx.close()
+    return objective, ctx.main
 
 
 def train(cfg: RunConfig, run_dir: Union[str, Path], resume: bool = False, overwrite: bool = False,
@@ -89,11 +112,13 @@ def train(cfg: RunConfig, run_dir: Union[str, Path], resume: bool = False, overw
         if tc.batch_size % ctx.world:
             raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes "
                               f"({ctx.world})")
-        if dataset is None:
-            from difflab.data import load_dataset
+        from difflab.latent import training_data
+        from difflab.objectives.latent import LatentDiffusionObjective
 
-            dataset = load_dataset(cfg.data.name, path=cfg.data.path, n=cfg.data.n, seed=tc.seed, **cfg.data.options)
-        objective = DiffusionObjective(cfg, dataset, device)
+        if dataset is None:
+            dataset = training_data(cfg)
+        latent = cfg.data.autoencoder is not None
+        objective = (LatentDiffusionObjective if latent else DiffusionObjective)(cfg, dataset, device)
         engine = Engine(objective, Settings.from_train(tc), run_dir, device, ctx, progress, on_log)
         result = engine.fit(resume=resume, overwrite=overwrite)
         return TrainResult(step=result.step, loss=result.metrics.get("loss", float("nan")), run_dir=Path(run_dir),

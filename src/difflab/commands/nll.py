@@ -103,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     if args.probes is not None and args.probes < 0:
         raise ValueError(f"--probes must be >= 0, got {args.probes}")
     pipe = load_run(args.run_dir, ema=not args.no_ema, device=args.device)
+    if pipe.decoder is not None:
+        raise ValueError(f"{args.run_dir} is a latent run: bits/dim of its latents are not bits/dim of images, "
+                         "and the decoder has no likelihood, so difflab nll does not apply")
     cfg = pipe.config
     x, y, note = held_out_data(cfg, args.num, args.seed, args.data)
     image = pipe.data_kind == "image"

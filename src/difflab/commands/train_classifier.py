@@ -14,24 +14,17 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG", help="the diffusion model's YAML run config (data and path)")
-    p.add_argument("--out", required=True, metavar="CLS_DIR", help="directory for the classifier's weights and JSON")
-    p.add_argument("--resume", action="store_true", help="continue the classifier in CLS_DIR from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the classifier in CLS_DIR")
-    p.add_argument("--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
-                   help="override config values, e.g. classifier.steps=500 classifier.width=128")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    from difflab.commands import add_run_arguments
+
+    add_run_arguments(p, "the diffusion model's YAML run config (data and path)", "CLS_DIR", "classifier",
+                      "classifier.steps=500 classifier.width=128")
 
 
 def run(args: argparse.Namespace) -> int:
     from difflab.classifier_training import train_classifier
-    from difflab.config import load_config
+    from difflab.commands import run_training
 
-    cfg = load_config(args.config, args.set)
-    train_classifier(cfg, args.out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
-                     device=args.device)
-    return 0
+    return run_training(train_classifier, args)
 
 
 EXAMPLES = """

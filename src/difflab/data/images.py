@@ -124,6 +124,18 @@ def mnist5k() -> ArrayDataset:
     return ArrayDataset(x, torch.from_numpy(y.astype(np.int64)), 10, "image", "mnist5k")
 
 
+def mnist_pairs(num_pairs: int = 5000, pairs_seed: int = 0) -> ArrayDataset:
+    """The two-digit canvas: ``num_pairs`` images ``(1, 28, 56)`` of two MNIST-5k digits side by side, class ``10a + b``
+    for digit ``a`` on the left and ``b`` on the right (prompt ``"a then b"``, :func:`difflab.prompts.class_prompts`); pairs
+    drawn at random (seeded by ``pairs_seed``), every ordered pair of classes about equally often."""
+    digits = mnist5k()
+    g = torch.Generator().manual_seed(pairs_seed)
+    left = torch.randint(0, len(digits), (num_pairs,), generator=g)
+    right = torch.randint(0, len(digits), (num_pairs,), generator=g)
+    x = torch.cat([digits.x[left], digits.x[right]], dim=-1)  # (num_pairs, 1, 28, 56)
+    return ArrayDataset(x, 10 * digits.y[left] + digits.y[right], 100, "image", "mnist_pairs")
+
+
 # --- user files ---------------------------------------------------------------------------------------
 def _image_files(folder: Path) -> list:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

@@ -137,6 +137,10 @@ class Objective:
         """The one-line summary printed at the start."""
         return type(self).__name__
 
+    def begin(self, engine: "Engine") -> None:
+        """Optional hook on rank 0 once the run directory is prepared (locked, cleared on overwrite, config
+        written), before the first step: files the run needs from the start (e.g. a latent run's autoencoder)."""
+
     def finish(self, engine: "Engine", step: int) -> None:
         """Optional hook on every rank after the last step (inside the run directory's lock): final measurements
         and artefacts (write files on ``engine.dist.main`` only)."""
@@ -312,6 +316,7 @@ class Engine:
                 if ckpt is not None:
                     run.truncate_metrics(ckpt.step, self.settings.log_every)
                 self.sinks = open_sinks(self.settings.log_to, run)
+                self.objective.begin(self)
 
             self._on_main(prepare)
             return self._loop()

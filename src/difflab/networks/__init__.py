@@ -34,9 +34,10 @@ def _build_mlp(data_shape: tuple, num_classes: int, learned_variance: bool, **kw
 
 
 def _build_unet(data_shape: tuple, num_classes: int, learned_variance: bool, **kwargs) -> UNet:
-    if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
-        raise ValueError(f"the unet needs square images of shape (C, H, H), got data_shape={tuple(data_shape)}")
-    return UNet(in_channels=data_shape[0], image_size=data_shape[1], num_classes=num_classes,
+    if len(data_shape) != 3:
+        raise ValueError(f"the unet needs images of shape (C, H, W), got data_shape={tuple(data_shape)}")
+    size = data_shape[1] if data_shape[1] == data_shape[2] else tuple(data_shape[1:])
+    return UNet(in_channels=data_shape[0], image_size=size, num_classes=num_classes,
                 learned_variance=learned_variance, **kwargs)
 
 

@@ -100,7 +100,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """U-Net denoiser for images ``(B, in_channels, image_size, image_size)``.
+    """U-Net denoiser for images ``(B, in_channels, H, W)`` (``image_size`` is ``H = W``, or ``(H, W)``).
 
     Args:
         in_channels: image channels ``C``; the output has ``C`` (or ``2C`` with ``learned_variance``).
@@ -115,28 +115,30 @@ class UNet(nn.Module):
         context_dim: width of the cross-attention context ``(B, L, context_dim)`` (None = no cross-attention).
         num_heads: attention heads (must divide the width at every attention resolution).
         learned_variance: double the output channels (target, raw variance interpolation).
-        image_size: the input side length; must be divisible by ``2^(len(channel_mults) − 1)``.
+        image_size: the input side length, or ``(H, W)`` for a rectangle (e.g. the 28×56 two-digit canvas); each side
+            must be divisible by ``2^(len(channel_mults) − 1)``. Resolutions (``attn_resolutions``) are heights.
     """
 
     def __init__(self, in_channels: int = 1, base_channels: int = 32, channel_mults: Sequence[int] = (1, 2, 2),
                  num_res_blocks: int = 2, attn_resolutions: Optional[Sequence[int]] = None, dropout: float = 0.0,
                  num_classes: int = 0, context_dim: Optional[int] = None, num_heads: int = 4,
-                 learned_variance: bool = False, image_size: int = 28):
+                 learned_variance: bool = False, image_size=28):
         super().__init__()
         levels = len(channel_mults)
         if levels < 1 or num_res_blocks < 1 or base_channels < 1:
             raise ValueError("UNet needs at least one level, one residual block per level and base_channels >= 1")
         factor = 2 ** (levels - 1)
-        if image_size % factor:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else (int(v) for v in image_size)
+        if height % factor or width % factor:
             raise ValueError(f"image_size={image_size} is not divisible by 2^(len(channel_mults)-1)={factor}; "
                              f"use fewer levels or pad the images")
-        resolutions = [image_size // 2**i for i in range(levels)]
+        resolutions = [height // 2**i for i in range(levels)]
         attn = {resolutions[-1]} if attn_resolutions is None else set(attn_resolutions)
         if not attn <= set(resolutions):
             raise ValueError(f"attn_resolutions {sorted(attn)} must be among this U-Net's resolutions {resolutions}")
         if context_dim is not None and not attn:
             raise ValueError("context_dim needs at least one attention resolution (cross-attention lives there)")
-        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.in_channels, self.image_size, self.num_classes = in_channels, (height, width), num_classes
         self.context_dim, self.learned_variance = context_dim, learned_variance
         self.out_channels = in_channels * (2 if learned_variance else 1)
 
@@ -182,7 +184,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x (B, C, H, W)``, ``t [B]`` (network time), ``y [B]`` labels, ``context (B, L, context_dim)``."""
-        expected = (self.in_channels, self.image_size, self.image_size)
+        expected = (self.in_channels, *self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"UNet expects input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         context = self._check_context(context, x.shape[0])

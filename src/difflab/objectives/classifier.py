@@ -32,9 +32,9 @@ RESUME_MUST_MATCH = ("data", "diffusion.path", "diffusion.schedule", "diffusion.
 """Config entries a resumed classifier must share with its checkpoint."""
 
 
-def split(n: int, held_out: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split(n: int, held_out: float, seed: int, stream: str = "classifier/split") -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out indices (a random ``held_out`` fraction, at least one example when > 0)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, -1, "classifier/split")))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, -1, stream)))
     n_test = max(1, int(held_out * n)) if held_out > 0 else 0
     return perm[n_test:], perm[:n_test]
 

@@ -91,6 +91,10 @@ class DiffusionObjective(Objective):
                 f"{self.x_data.shape[0]} examples of shape {self.data_shape}; {cfg.diffusion.path} path, "
                 f"target {cfg.diffusion.target}")
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """What a sample is shown as: the sample itself (a latent objective decodes it to an image)."""
+        return x
+
     @torch.no_grad()
     def sample(self, engine, step: int, out: Path) -> Optional[Path]:
         """DDIM samples of the EMA model as a grid (images) or a scatter plot (2-D points); other data: none."""
@@ -111,4 +115,4 @@ class DiffusionObjective(Objective):
                 self.net.train()
         if shape == (2,):
             return save_scatter(x, out, reference=self.x_data[:2000].cpu(), title=f"step {step}", labels=y)
-        return save_image_grid(x, out, nrow=self.num_classes or None)
+        return save_image_grid(self.decode(x), out, nrow=self.num_classes or None)
