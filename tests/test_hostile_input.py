@@ -619,7 +619,7 @@ run_case("latent: autoencoder config huge", _ae_record(_set(("config", "autoenco
 def _(folder, runs):
     ae = copy_run(runs["ae"], folder / "ae")
     edit_json(ae / "autoencoder.json", _set(("latents",), "../../../../dev/zero"))
-    return ["train", TINY, "--out", folder / "out", "--quiet", "--set", "data.name=digits8", f"data.autoencoder={ae}",
+    return ["train", TINY, "--out", folder / "out", "--quiet", "--set", "data.name=digits8", "data.n=64", f"data.autoencoder={ae}",
             "model.kind=unet", "model.base_channels=8", "model.channel_mults=[1]", "train.steps=1"]
 
 
