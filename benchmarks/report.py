@@ -208,6 +208,30 @@ def _accuracy(acc: dict, out: Path) -> list:
     return lines
 
 
+def _exact_stochastic(ex: dict, acc: Optional[dict]) -> list:
+    """Exact KL of the stochastic samplers (:mod:`benchmarks.exact_stochastic`), beside the accuracy benchmark's
+    Monte-Carlo estimate at the same NFE where it has one."""
+    res = ex["result"]
+    mc = acc["result"]["gaussian"] if acc and "gaussian" in acc["result"] else {}
+    lines = ["## Stochastic samplers: exact KL (no sampling noise)", "",
+             "Every DDPM, DDIM (η = 1), Euler–Maruyama and ancestral step on a Gaussian bed is affine in the state plus "
+             "independent Gaussian noise, so the output law is Gaussian and `difflab.testbeds.chain_pushforward` "
+             "propagates it exactly from N(0, s_T² I). Cells: exact KL(output ‖ data) in nats; in brackets the "
+             "Monte-Carlo KL that the accuracy section reports at the same NFE (a Gaussian fit to "
+             f"{acc['result']['n_monte_carlo'] if acc else '—'} samples, whose own floor is given there).", ""]
+    for bed_name, bed in res["gaussian"].items():
+        lines += [f"### {bed_name}: prior floor {_num(bed['prior_floor_kl'])}"
+                  + (f"; Monte-Carlo floor {_num(mc[bed_name]['monte_carlo_floor_kl'])}" if bed_name in mc else ""), ""]
+        rows = []
+        for name, s in bed["samplers"].items():
+            mc_points = {p["target_nfe"]: p["kl"] for p in mc.get(bed_name, {}).get("samplers", {}).get(name, {})
+                         .get("points", [])}
+            rows.append([name] + [_num(p["kl"]) + (f" ({_num(mc_points[p['steps']])})" if p["steps"] in mc_points else "")
+                                  for p in s["points"]])
+        lines += _table(["sampler (steps →)"] + [str(n) for n in res["steps"]], rows)
+    return lines
+
+
 def _overhead(ov: dict, out: Path) -> list:
     res = ov["result"]
     lines = ["## Sampler overhead (time outside the network)", "",
@@ -323,7 +347,8 @@ def _targets(records: dict) -> list:
 
 def write(out: Path) -> Path:
     out = Path(out)
-    records = {name: _load(out, name) for name in ("accuracy", "side_by_side", "overhead", "training")}
+    records = {name: _load(out, name) for name in ("accuracy", "exact_stochastic", "side_by_side", "overhead",
+                                                   "training")}
     lines = ["# difflab benchmarks", "",
              "Written by `python -m benchmarks.run` (`make bench`; `make bench-quick` for the two-minute version). "
              "JSON files beside this one hold every number.", ""]
@@ -338,6 +363,8 @@ def write(out: Path) -> Path:
         lines += _training(records["training"])
     if records["accuracy"]:
         lines += _accuracy(records["accuracy"], out)
+    if records["exact_stochastic"]:
+        lines += _exact_stochastic(records["exact_stochastic"], records["accuracy"])
     if any(records.values()):
         lines += _machine({k: v for k, v in records.items() if v is not None})
     path = out / "README.md"

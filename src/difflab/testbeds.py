@@ -240,3 +240,67 @@ def affine_pushforward(sample_fn, dim: int, prior_std: float = 1.0, dtype=torch.
     c = out[0]
     M = (out[1:] - c).T  # column j is the image of e_j
     return c, prior_std**2 * M @ M.T
+
+
+def chain_pushforward(denoiser, timesteps, step, mean, cov, generator: torch.Generator | None = None,
+                      max_draws: int = 4, **cond):
+    """Exact output Gaussian of a *stochastic* chain whose steps are affine in the state plus Gaussian noise.
+
+    On a single-Gaussian bed the exact denoiser is affine in ``x_t``, so every DDPM, DDIM (η > 0),
+    Euler–Maruyama and ancestral step (SPEC §3, §5, §6) is ``x' = A x + b + Σ_j C_j z_j`` with the noise
+    ``z_j ~ N(0, I)`` the step draws, independent of ``x``. Starting from ``x ~ N(mean, cov)``, the output is
+    exactly ``N(A mean + b, A cov Aᵀ + Σ_j C_j C_jᵀ)`` step after step (float64, no sampling noise; the sibling of
+    :func:`affine_pushforward`).
+
+    Each step is identified by running it once on a probe batch — ``m·D + 1`` copies of ``0`` and the unit vectors
+    ``e_1 … e_D`` — and replaying ``generator`` to read the noise it drew: the step must draw its noise as ``m ≤
+    max_draws`` calls of ``randn(x.shape, generator)`` in float64 (as every sampler here does; the replay checks
+    the generator's state afterwards and a fresh probe batch checks the affine fit, and either failing raises
+    ``ValueError``, e.g. for the predictor–corrector's batch-normalised Langevin step).
+
+    Args: ``denoiser(x, t, **cond) -> Prediction`` with a ``path``; ``timesteps`` the decreasing grid;
+    ``step(path, x, pred, t, t_next, generator) -> x_next`` a chain transition (:mod:`difflab.samplers.chain`);
+    ``mean (D,)``, ``cov (D, D)`` the law of the starting state. Returns ``(mean, cov)`` of the output, float64.
+    """
+    from difflab.samplers.chain import time_tensor
+
+    mean = torch.as_tensor(mean, dtype=torch.float64)
+    cov = torch.as_tensor(cov, dtype=torch.float64)
+    D = mean.shape[0]
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    eye = torch.eye(D, dtype=torch.float64)
+    grid = torch.as_tensor(timesteps).tolist()
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        def run(x):
+            t_b, t_next_b = time_tensor(t, x.shape[0], x.device), time_tensor(t_next, x.shape[0], x.device)
+            state = generator.get_state()
+            out = step(denoiser.path, x, denoiser(x, t_b, **cond), t_b, t_next_b, generator)
+            replay = torch.Generator(generator.device).set_state(state)
+            after = generator.get_state()
+            draws = []
+            while not torch.equal(replay.get_state(), after):
+                if len(draws) == max_draws:
+                    raise ValueError(f"the step drew noise other than up to {max_draws} randn(x.shape) calls")
+                draws.append(randn(x.shape, replay, x.device, torch.float64))
+            return out.reshape(x.shape[0], D).double(), [z.reshape(x.shape[0], D) for z in draws]
+
+        n_zero = max_draws * D + 1
+        probes = torch.cat([torch.zeros(n_zero, D, dtype=torch.float64), eye])
+        out, draws = run(probes)
+        # zero rows: out = b + Σ_j C_j z_j, an exact linear system in [b, C_1ᵀ, …] (least squares on n_zero rows)
+        design = torch.cat([torch.ones(n_zero, 1, dtype=torch.float64)] + [z[:n_zero] for z in draws], 1)
+        coef = torch.linalg.lstsq(design, out[:n_zero]).solution  # (1 + mD, D)
+        b, C = coef[0], coef[1:].T  # C: (D, mD), the noise loading
+        noise = torch.cat([z[n_zero:] for z in draws], 1) if draws else torch.zeros(D, 0, dtype=torch.float64)
+        A = (out[n_zero:] - b - noise @ C.T).T  # column i is the image of e_i
+        check_x = torch.randn(3, D, generator=torch.Generator().manual_seed(len(grid)), dtype=torch.float64)
+        check_out, check_draws = run(check_x)
+        check_noise = torch.cat(check_draws, 1) if check_draws else torch.zeros(3, 0, dtype=torch.float64)
+        predicted = check_x @ A.T + b + check_noise @ C.T
+        scale = 1.0 + check_out.abs().max()
+        if len(check_draws) != len(draws) or (predicted - check_out).abs().max() > 1e-8 * scale:
+            raise ValueError(f"the step {t} → {t_next} is not affine in the state plus Gaussian noise")
+        mean = A @ mean + b
+        cov = A @ cov @ A.T + C @ C.T
+        cov = 0.5 * (cov + cov.T)
+    return mean, cov

@@ -13,4 +13,5 @@ EXPERIMENTS: dict[str, str] = {
     "parameterization": "parameterization",
     "guidance-scale": "guidance_scale",
     "guidance-tilted": "guidance_tilted",
+    "reverse-kernel": "reverse_kernel",
 }
