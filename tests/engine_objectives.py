@@ -1,5 +1,5 @@
-"""The objectives every engine contract test runs (tests/test_engine.py): diffusion and the classifier through their
-commands, and a toy two-module objective (a generator and a critic with two optimisers, the shape of a GAN).
+"""The objectives every engine contract test runs (tests/test_engine.py): diffusion, DDGAN and the classifier through
+their commands, and a toy two-module objective (a generator and a critic with two optimisers, the shape of a GAN).
 
 Run as ``python -m tests.engine_objectives KIND RUN_DIR STEPS [--resume] [KEY=VALUE ...]`` (from the repository
 root) it trains one of them, so tests can SIGKILL a real process; :func:`run` does the same in this process.
@@ -21,7 +21,9 @@ from difflab.engine.rundir import METRICS_FILE
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny2d.yaml"
 BASE = ["train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.num_threads=1"]
-KINDS = ("diffusion", "classifier", "two-module")
+KINDS = ("diffusion", "ddgan", "classifier", "two-module")
+DDGAN = ["diffusion.objective=ddgan", "diffusion.schedule=vp", "diffusion.T=4", "ddgan.nz=4", "ddgan.d_width=16",
+         "ddgan.d_depth=1", "ddgan.lazy_reg=2"]  # R1 on every other step: resumes must keep the phase
 
 
 class TwoModule(Objective):
@@ -52,14 +54,15 @@ class TwoModule(Objective):
 
 def config(kind: str, steps: int, overrides=()):
     key = "classifier.steps" if kind == "classifier" else "train.steps"
-    extra = ["classifier.width=16", "classifier.time_dim=16", "classifier.batch_size=32", "classifier.log_every=1"]
-    return load_config(TINY, [*BASE, *(extra if kind == "classifier" else []), f"{key}={steps}", *overrides])
+    extra = {"classifier": ["classifier.width=16", "classifier.time_dim=16", "classifier.batch_size=32",
+                            "classifier.log_every=1"], "ddgan": DDGAN}.get(kind, [])
+    return load_config(TINY, [*BASE, *extra, f"{key}={steps}", *overrides])
 
 
 def run(kind: str, run_dir, steps: int, *overrides, resume: bool = False, overwrite: bool = False):
     """Train ``kind`` for ``steps`` into ``run_dir`` in this process."""
     cfg = config(kind, steps, overrides)
-    if kind == "diffusion":
+    if kind in ("diffusion", "ddgan"):
         from difflab.training import train
 
         return train(cfg, run_dir, resume=resume, overwrite=overwrite, progress=False)

@@ -78,8 +78,10 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     from difflab.pipeline import SAMPLERS
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'difflab train'")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampler (default: ddim)")
-    p.add_argument("--steps", type=int, default=50, help="network evaluations per sample (default: 50)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                   help="sampler (default: ddim; ddgan, the only one, for a DDGAN run)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="network evaluations per sample (default: 50; T for a DDGAN run, which takes no other)")
     p.add_argument("--num", type=int, default=64, help="number of samples (default: 64)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity, 0 = deterministic (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -113,11 +115,12 @@ def run_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png or .npz, got {str(out)!r}")
-    if args.num < 1 or args.steps < 1:
+    if args.num < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError("--num and --steps must be >= 1")
     if args.classifier_scale is not None and args.classifier is None:
         raise ValueError("--classifier-scale needs --classifier CLS_DIR")
     pipe = load_run(args.run_dir, ema=not args.no_ema, device=args.device)
+    sampler, steps = pipe.resolve_sampler(args.sampler, args.steps)
     image = len(pipe.data_shape) == 3
     if out.suffix == ".png" and not image and pipe.data_shape != (2,):
         raise ValueError(f"a .png needs images or 2-D points; this run's data has shape {pipe.data_shape}: use .npz")
@@ -134,7 +137,7 @@ def run_sample(args: argparse.Namespace) -> int:
                 "guidance_interval": None if args.guidance_interval is None else tuple(args.guidance_interval),
                 "classifier": classifier,
                 "classifier_scale": 1.0 if args.classifier_scale is None else args.classifier_scale}
-    samples = pipe.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, y=y,
+    samples = pipe.sample(args.num, sampler=sampler, steps=steps, eta=args.eta, seed=args.seed, y=y,
                           batch_size=args.batch_size, progress=not args.quiet, **guidance)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
@@ -147,8 +150,8 @@ def run_sample(args: argparse.Namespace) -> int:
         nrow = classes if (classes and args.label is None) else None
         save_image_grid(samples.x, out, nrow=nrow)
     else:
-        save_scatter(samples.x, out, title=f"{args.sampler}, {samples.nfe} NFE", labels=y)
-    print(f"difflab: wrote {args.num} samples ({args.sampler}, {samples.nfe} network evaluations each) to {out}")
+        save_scatter(samples.x, out, title=f"{sampler}, {samples.nfe} NFE", labels=y)
+    print(f"difflab: wrote {args.num} samples ({sampler}, {samples.nfe} network evaluations each) to {out}")
     return 0
 
 
@@ -160,6 +163,7 @@ examples:
   difflab sample runs/digits8 --class 7 --guidance-scale 3 --num 64 --out sevens.png
   difflab sample runs/digits8 --guidance-scale 3 --guidance-interval 0 600 --guidance-rescale 0.7 --out cfg.png
   difflab sample runs/digits8 --class 7 --classifier runs/digits8-classifier --classifier-scale 2 --out sevens.png
+  difflab sample runs/ddgan_digits8 --class 3 --num 64 --out threes.png     # a DDGAN run: its T steps
 """
 
 

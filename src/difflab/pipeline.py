@@ -31,12 +31,19 @@ from difflab.utils import default_device
 def build_model(cfg: RunConfig, data_shape: Sequence[int], num_classes: int = 0) -> nn.Module:
     """The network ``cfg.model`` describes for per-sample data of shape ``data_shape``.
 
-    ``num_classes`` is used only when ``cfg.model.conditional`` (otherwise the network is unconditional).
+    ``num_classes`` is used only when ``cfg.model.conditional`` (otherwise the network is unconditional). A DDGAN
+    run's network is its generator: the same network with a latent of ``ddgan.nz`` (SPEC §5).
     """
     from difflab.networks import build_network
 
+    latent = {"latent_dim": cfg.ddgan.nz} if is_ddgan(cfg) else {}
     return build_network(cfg.model.kind, tuple(data_shape), num_classes if cfg.model.conditional else 0,
-                         learned_variance=cfg.model.learned_variance, **cfg.model.network_kwargs())
+                         learned_variance=cfg.model.learned_variance, **cfg.model.network_kwargs(), **latent)
+
+
+def is_ddgan(cfg: RunConfig) -> bool:
+    """Whether the run trains a DDGAN generator (``diffusion.objective: ddgan``) rather than a denoiser."""
+    return cfg.diffusion.objective == "ddgan"
 
 
 def build_denoiser(cfg: RunConfig, net: Callable, path: Optional[GaussianPath] = None) -> NetworkDenoiser:
@@ -217,11 +224,26 @@ def run_ancestral(denoiser, x: torch.Tensor, steps: int, generator=None, progres
     return sample_ancestral(den, x, uniform_t(den.path, steps), generator=generator, progress=progress, **cond)
 
 
-DISCRETE_SAMPLERS = ("ddpm", "ddim")  # chains in the state's own dtype; every other sampler is a continuous-time solver
+def run_ddgan(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, **cond) -> Samples:
+    """DDGAN's chain (SPEC §5): ``x̂0 = G(x_t, z, t)`` then ``x_{t−1} ~ q(x_{t−1} | x_t, x̂0)`` for each of the path's
+    ``T`` steps (:func:`difflab.ddgan.sample_ddgan`); ``denoiser`` is a :class:`~difflab.ddgan.DDGANGenerator`, and
+    ``steps`` must be ``T``: the generator was trained at those times only."""
+    from difflab.ddgan import sample_ddgan
+
+    if not hasattr(denoiser, "x0_draw"):
+        raise ValueError("the ddgan sampler needs a DDGAN generator (a run trained with diffusion.objective: ddgan)")
+    T = denoiser.path.T
+    if steps != T:
+        raise ValueError(f"a DDGAN run samples in exactly its T = {T} steps (its generator is trained at those "
+                         f"times), not {steps}: drop --steps or pass --steps {T}")
+    return sample_ddgan(denoiser.x0_draw, denoiser.path, x, generator, None, progress, **cond)
+
+
+DISCRETE_SAMPLERS = ("ddpm", "ddim", "ddgan")  # chains in the state's own dtype; every other sampler is a continuous-time solver
 SAMPLERS: dict[str, Callable[..., Samples]] = {
     "ddpm": run_ddpm, "ddim": run_ddim,
     **{name: _ode_runner(name) for name in ("euler", "heun", "rk4", "dpmpp2m")},
-    "deis": run_deis, "rk45": run_rk45, "sde": run_sde, "pc": run_pc, "ancestral": run_ancestral,
+    "deis": run_deis, "rk45": run_rk45, "sde": run_sde, "pc": run_pc, "ancestral": run_ancestral, "ddgan": run_ddgan,
 }
 """Sampler name -> ``fn(denoiser, x_T, steps, generator=, progress=, **options, **cond) -> Samples``."""
 
@@ -261,10 +283,11 @@ def generate(denoiser, data_shape: Sequence[int], num: int, sampler: str = "ddim
 # --- a trained run ---------------------------------------------------------------------------------------------
 @dataclass
 class Pipeline:
-    """A trained model ready to sample: ``denoiser(x, t, y=) -> Prediction`` on ``path``."""
+    """A trained model ready to sample: ``denoiser(x, t, y=) -> Prediction`` on ``path``, or for a DDGAN run the
+    :class:`~difflab.ddgan.DDGANGenerator` (sampled only by ``ddgan`` in its ``T`` steps)."""
 
     net: nn.Module
-    denoiser: NetworkDenoiser
+    denoiser: Union[NetworkDenoiser, "DDGANGenerator"]
     config: RunConfig
     data_shape: tuple
     num_classes: int
@@ -275,6 +298,19 @@ class Pipeline:
     @property
     def path(self) -> GaussianPath:
         return self.denoiser.path
+
+    @property
+    def ddgan(self) -> bool:
+        return is_ddgan(self.config)
+
+    def resolve_sampler(self, sampler: Optional[str], steps: Optional[int]) -> tuple:
+        """``(sampler, steps)`` with the run's defaults for the ones not given: ``ddgan`` in ``T`` steps for a DDGAN
+        run (which takes no other sampler), else DDIM with 50 steps."""
+        if self.ddgan:
+            if sampler not in (None, "ddgan"):
+                raise ValueError(f"a DDGAN run samples with its generator chain (sampler ddgan), not {sampler!r}")
+            return "ddgan", self.path.T if steps is None else steps
+        return sampler or "ddim", 50 if steps is None else steps
 
     def labels(self, num: int, y=None) -> Optional[torch.Tensor]:
         """The labels to sample with: ``None`` for an unconditional model; for a class-conditional model
@@ -296,11 +332,12 @@ class Pipeline:
                              " (and -1 for unconditional)")
         return y
 
-    def sample(self, num: int, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
+    def sample(self, num: int, sampler: Optional[str] = None, steps: Optional[int] = None, eta: float = 0.0, seed: int = 0,
                y=None, batch_size: int = 256, progress: bool = True, guidance_scale: float = 1.0,
                guidance_interval: Optional[tuple] = None, guidance_rescale: float = 0.0, classifier=None,
                classifier_scale: float = 0.0, **options) -> Samples:
-        """``num`` samples with ``sampler`` (a key of :data:`SAMPLERS`) in ``steps`` network evaluations.
+        """``num`` samples with ``sampler`` (a key of :data:`SAMPLERS`) in ``steps`` network evaluations (defaults:
+        :meth:`resolve_sampler`).
 
         ``eta`` is DDIM's stochasticity (SPEC §5); ``seed`` fixes every random draw; ``y`` see :meth:`labels`.
 
@@ -319,6 +356,10 @@ class Pipeline:
         """
         from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance
 
+        sampler, steps = self.resolve_sampler(sampler, steps)
+        if self.ddgan and (guidance_scale != 1.0 or classifier is not None):
+            raise ValueError("a DDGAN run draws x̂0 from its generator: guidance (SPEC §7) does not apply; "
+                             "sample a class with --class")
         if eta:
             options["eta"] = eta
         denoiser = self.denoiser
@@ -365,6 +406,12 @@ def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Un
     net.load_state_dict(state)
     device = default_device(device)
     net.to(device).eval()
-    return Pipeline(net=net, denoiser=build_denoiser(cfg, net), config=cfg, data_shape=data_shape,
+    if is_ddgan(cfg):
+        from difflab.ddgan import DDGANGenerator
+
+        denoiser = DDGANGenerator(net, build_path(cfg.diffusion), cfg.ddgan.nz)
+    else:
+        denoiser = build_denoiser(cfg, net)
+    return Pipeline(net=net, denoiser=denoiser, config=cfg, data_shape=data_shape,
                     num_classes=num_classes, data_kind=meta.get("data_kind", "points" if len(data_shape) == 1 else "image"),
                     step=ckpt.step, device=device)

@@ -1,0 +1,95 @@
+"""DDGAN's time-conditional discriminator ``D(x_{t−1}, x_t, t, y=None) -> logit [B]`` (SPEC §5; Xiao et al. 2022).
+
+It scores a pair — a candidate ``x_{t−1}`` and the ``x_t`` it came from — at step ``t``: the pair is joined
+(concatenated features for points, stacked channels for images) and conditioned on ``emb(t, y)``
+(:class:`~difflab.networks.embeddings.ConditionEmbedding`, the same time convention as the denoisers), built from
+the denoisers' own blocks:
+
+- :class:`PointDiscriminator`: ``Linear(2D -> width)``, ``depth`` :class:`~difflab.networks.mlp.MLPBlock` s,
+  ``LayerNorm -> SiLU -> Linear(width -> 1)``;
+- :class:`ImageDiscriminator`: ``Conv3×3(2C -> width)``, ``depth`` levels of a
+  :class:`~difflab.networks.unet.ResBlock` (width doubling, at most ``MAX_WIDTH_MULT`` ×) each followed by a
+  stride-2 :class:`~difflab.networks.unet.Downsample` while the side is above ``MIN_SIDE``, then
+  ``GroupNorm -> SiLU -> spatial mean -> Linear(-> 1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflab.networks.attention import group_norm
+from difflab.networks.embeddings import ConditionEmbedding
+from difflab.networks.mlp import MLPBlock
+from difflab.networks.unet import Downsample, ResBlock
+from difflab.utils import per_sample_time
+
+TIME_FREQ_DIM = 64
+"""Sinusoidal time features of the discriminators (32 sine/cosine pairs, as the U-Net's minimum)."""
+MAX_WIDTH_MULT = 4
+MIN_SIDE = 4
+"""The image discriminator stops downsampling at this side length (a 4×4 map still sees the layout of an 8×8 digit)."""
+
+
+class PointDiscriminator(nn.Module):
+    """The MLP discriminator for data of per-sample shape ``shape`` (points, flat vectors)."""
+
+    def __init__(self, shape: Sequence[int], width: int = 128, depth: int = 3, num_classes: int = 0):
+        super().__init__()
+        self.shape = tuple(int(d) for d in shape)
+        self.embed = ConditionEmbedding(TIME_FREQ_DIM, width, num_classes)
+        self.inp = nn.Linear(2 * math.prod(self.shape), width)
+        self.blocks = nn.ModuleList([MLPBlock(width) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(width)
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x_prev, x_t (B, *shape)``, ``t [B]`` (network time), ``y [B]`` -> logits ``[B]``."""
+        B = x_t.shape[0]
+        emb = self.embed(per_sample_time(t, B, device=x_t.device), y)  # (B, width)
+        h = self.inp(torch.cat([x_prev.reshape(B, -1), x_t.reshape(B, -1)], dim=1))
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(F.silu(self.norm_out(h))).squeeze(-1)
+
+
+class ImageDiscriminator(nn.Module):
+    """The convolutional discriminator for images ``(C, H, W)``."""
+
+    def __init__(self, shape: Sequence[int], width: int = 64, depth: int = 2, num_classes: int = 0):
+        super().__init__()
+        channels, side = int(shape[0]), int(shape[1])
+        emb_dim = 4 * width
+        self.embed = ConditionEmbedding(TIME_FREQ_DIM, emb_dim, num_classes)
+        self.conv_in = nn.Conv2d(2 * channels, width, 3, padding=1)
+        self.blocks = nn.ModuleList()
+        ch = width
+        for i in range(depth):
+            out = width * min(2**i, MAX_WIDTH_MULT)
+            self.blocks.append(ResBlock(ch, out, emb_dim))
+            ch = out
+            if side > MIN_SIDE:
+                self.blocks.append(Downsample(ch))
+                side = (side + 1) // 2
+        self.norm_out = group_norm(ch)
+        self.out = nn.Linear(ch, 1)
+
+    def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x_prev, x_t (B, C, H, W)``, ``t [B]`` (network time), ``y [B]`` -> logits ``[B]``."""
+        emb = self.embed(per_sample_time(t, x_t.shape[0], device=x_t.device), y)  # (B, emb_dim)
+        h = self.conv_in(torch.cat([x_prev, x_t], dim=1))
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(F.silu(self.norm_out(h)).mean(dim=(2, 3))).squeeze(-1)
+
+
+def build_discriminator(data_shape: Sequence[int], num_classes: int = 0, width: int = 128,
+                        depth: int = 3) -> nn.Module:
+    """:class:`ImageDiscriminator` for ``(C, H, W)`` data, else :class:`PointDiscriminator`."""
+    if len(data_shape) == 3:
+        return ImageDiscriminator(data_shape, width, depth, num_classes)
+    return PointDiscriminator(data_shape, width, depth, num_classes)
