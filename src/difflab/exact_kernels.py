@@ -26,6 +26,7 @@ sampler of nested diffusion; :func:`sample_exact_kernel` follows it with the pat
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -33,7 +34,8 @@ import torch
 from difflab import gaussian
 from difflab.parameterization import Prediction
 from difflab.paths import GaussianPath
-from difflab.samplers.chain import Samples
+from difflab.samplers.ancestral import ddpm_step
+from difflab.samplers.chain import Samples, sample_chain
 from difflab.testbeds import GaussianMixtureBed
 from difflab.utils import bcast, randn
 
@@ -224,11 +226,6 @@ def sample_x0_draws(x0_sampler: Callable, path: GaussianPath, x: torch.Tensor, t
                     progress: bool = False, **cond) -> Samples:
     """The reverse chain driven by ``x̂0`` draws: ``x̂0 ~ x0_sampler(x_t)``, then ``x_{t'} ~ q(x_{t'} | x_t, x̂0)``
     along the decreasing grid ``timesteps`` (SPEC §5, DDGAN's sampler). NFE counts the draws."""
-    from functools import partial
-
-    from difflab.samplers.ancestral import ddpm_step
-    from difflab.samplers.chain import sample_chain
-
     den = X0DrawDenoiser(x0_sampler, path, generator)
     grid = torch.as_tensor(timesteps)
     return sample_chain(den, x, grid, partial(ddpm_step, variance="beta_tilde"), generator, callback, progress, **cond)
