@@ -14,4 +14,5 @@ EXPERIMENTS: dict[str, str] = {
     "guidance-scale": "guidance_scale",
     "guidance-tilted": "guidance_tilted",
     "reverse-kernel": "reverse_kernel",
+    "ddgan-steps": "ddgan_steps",
 }
