@@ -42,12 +42,12 @@ BEDS = {"grid": {"name": "gaussian_grid", "title": "5×5 grid of Gaussians (spac
 
 MLP = {"kind": "mlp", "hidden": 128, "depth": 3, "time_dim": 32}
 DDGAN_RUN = {"model": MLP, "diffusion": {"path": "discrete", "schedule": "vp", "objective": "ddgan"},
-             "ddgan": {"nz": 16, "lr_g": 5e-4, "lr_d": 5e-4, "r1_gamma": 0.1, "lazy_reg": 1, "d_width": 128,
+             "ddgan": {"nz": 16, "lr_g": 2e-4, "lr_d": 2e-4, "r1_gamma": 0.01, "lazy_reg": 4, "d_width": 128,
                        "d_depth": 3},
-             "train": {"steps": 6000, "batch_size": 256, "ema_decay": 0.999, "grad_clip": 0.0, "log_every": 100,
+             "train": {"steps": 5000, "batch_size": 256, "ema_decay": 0.999, "grad_clip": 0.0, "log_every": 100,
                        "checkpoint_every": 0, "num_threads": 1}}
 DDPM_RUN = {"model": MLP, "diffusion": {"path": "discrete", "schedule": "vp", "target": "eps"},
-            "train": {"steps": 4000, "batch_size": 256, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995,
+            "train": {"steps": 3000, "batch_size": 256, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995,
                       "log_every": 100, "checkpoint_every": 0, "num_threads": 1}}
 QUICK = {"model": {"hidden": 32, "depth": 1, "time_dim": 16}, "ddgan": {"nz": 4, "d_width": 32, "d_depth": 1},
          "train": {"steps": 20, "batch_size": 64}}
