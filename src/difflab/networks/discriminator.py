@@ -6,10 +6,11 @@ It scores a pair — a candidate ``x_{t−1}`` and the ``x_t`` it came from — 
 
 - :class:`PointDiscriminator`: a plain LeakyReLU MLP of ``depth`` layers on ``[x_{t−1}, x_t]`` with ``emb`` added
   to its first layer;
-- :class:`ImageDiscriminator`: ``Conv3×3(2C -> width)``, ``depth`` levels of a
-  :class:`~difflab.networks.unet.ResBlock` (width doubling, at most ``MAX_WIDTH_MULT`` ×) each followed by a
-  stride-2 :class:`~difflab.networks.unet.Downsample` while the side is above ``MIN_SIDE``, then
-  ``GroupNorm -> SiLU -> spatial mean -> Linear(-> 1)``.
+- :class:`ImageDiscriminator`: ``Conv3×3(2C -> width)``, ``depth`` :class:`DownBlock` s (conv, LeakyReLU, the
+  embedding as a per-channel bias, average-pool downsampling with a skip), spatial mean, ``Linear(-> 1)``.
+
+Neither normalises its activations (GAN discriminators are plain: a normalised one was measured to go blind, see
+:class:`PointDiscriminator`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.networks.attention import group_norm
 from difflab.networks.embeddings import ConditionEmbedding
-from difflab.networks.unet import Downsample, ResBlock
 from difflab.utils import per_sample_time
 
 TIME_FREQ_DIM = 64
@@ -32,7 +31,7 @@ LEAK = 0.2
 """Negative slope of the point discriminator's LeakyReLU (the GAN literature's usual value)."""
 MAX_WIDTH_MULT = 4
 MIN_SIDE = 4
-"""The image discriminator stops downsampling at this side length (a 4×4 map still sees the layout of an 8×8 digit)."""
+"""The image discriminator halves the side only while the result is at least this (8 -> 4; 28 -> 14 -> 7)."""
 
 
 class PointDiscriminator(nn.Module):
@@ -62,8 +61,32 @@ class PointDiscriminator(nn.Module):
         return self.out(h).squeeze(-1)
 
 
+class DownBlock(nn.Module):
+    """``x (B, C_in, H, W)``, ``emb (B, emb_dim)`` -> ``(B, C_out, H', W')``: ``h = LeakyReLU(Conv(x)) + Linear(emb)``
+    per channel, ``h = LeakyReLU(Conv(h))``, then (with ``down``) 2×2 average pooling of ``h`` and of the 1×1-conv
+    skip, summed and scaled by ``1/√2`` (the reference's ``DownConvBlock``, without normalisation)."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, down: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.down = down
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.conv1(x), LEAK) + self.emb_proj(emb)[:, :, None, None]
+        h = F.leaky_relu(self.conv2(h), LEAK)
+        skip = self.skip(x)
+        if self.down:
+            h, skip = F.avg_pool2d(h, 2), F.avg_pool2d(skip, 2)
+        return (h + skip) / math.sqrt(2.0)
+
+
 class ImageDiscriminator(nn.Module):
-    """The convolutional discriminator for images ``(C, H, W)``."""
+    """The convolutional discriminator for images ``(C, H, W)``: ``Conv3×3(2C -> width)``, ``depth``
+    :class:`DownBlock` s (width doubling up to ``MAX_WIDTH_MULT`` ×, halving the side while it is at least
+    ``2 · MIN_SIDE``), then ``LeakyReLU -> spatial mean -> Linear(-> 1)``."""
 
     def __init__(self, shape: Sequence[int], width: int = 64, depth: int = 2, num_classes: int = 0):
         super().__init__()
@@ -74,22 +97,18 @@ class ImageDiscriminator(nn.Module):
         self.blocks = nn.ModuleList()
         ch = width
         for i in range(depth):
-            out = width * min(2**i, MAX_WIDTH_MULT)
-            self.blocks.append(ResBlock(ch, out, emb_dim))
-            ch = out
-            if side > MIN_SIDE:
-                self.blocks.append(Downsample(ch))
-                side = (side + 1) // 2
-        self.norm_out = group_norm(ch)
+            out, down = width * min(2 ** (i + 1), MAX_WIDTH_MULT), side >= 2 * MIN_SIDE
+            self.blocks.append(DownBlock(ch, out, emb_dim, down))
+            ch, side = out, side // 2 if down else side
         self.out = nn.Linear(ch, 1)
 
     def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x_prev, x_t (B, C, H, W)``, ``t [B]`` (network time), ``y [B]`` -> logits ``[B]``."""
         emb = self.embed(per_sample_time(t, x_t.shape[0], device=x_t.device), y)  # (B, emb_dim)
-        h = self.conv_in(torch.cat([x_prev, x_t], dim=1))
+        h = F.leaky_relu(self.conv_in(torch.cat([x_prev, x_t], dim=1)), LEAK)
         for block in self.blocks:
             h = block(h, emb)
-        return self.out(F.silu(self.norm_out(h)).mean(dim=(2, 3))).squeeze(-1)
+        return self.out(F.leaky_relu(h, LEAK).mean(dim=(2, 3))).squeeze(-1)
 
 
 def build_discriminator(data_shape: Sequence[int], num_classes: int = 0, width: int = 128,
