@@ -280,6 +280,10 @@ def generate(denoiser, data_shape: Sequence[int], num: int, sampler: str = "ddim
     return Samples(torch.cat(outputs), nfe)
 
 
+DEFAULT_STEPS = 50
+"""Network evaluations of ``difflab sample`` / ``difflab eval`` when ``--steps`` is not given (DDGAN: its ``T``)."""
+
+
 # --- a trained run ---------------------------------------------------------------------------------------------
 @dataclass
 class Pipeline:
@@ -305,12 +309,13 @@ class Pipeline:
 
     def resolve_sampler(self, sampler: Optional[str], steps: Optional[int]) -> tuple:
         """``(sampler, steps)`` with the run's defaults for the ones not given: ``ddgan`` in ``T`` steps for a DDGAN
-        run (which takes no other sampler), else DDIM with 50 steps."""
+        run (which takes no other sampler), else DDIM with 50 steps (at most ``T`` on a discrete path)."""
         if self.ddgan:
             if sampler not in (None, "ddgan"):
                 raise ValueError(f"a DDGAN run samples with its generator chain (sampler ddgan), not {sampler!r}")
             return "ddgan", self.path.T if steps is None else steps
-        return sampler or "ddim", 50 if steps is None else steps
+        default = min(DEFAULT_STEPS, self.path.T) if getattr(self.path, "discrete", False) else DEFAULT_STEPS
+        return sampler or "ddim", default if steps is None else steps
 
     def labels(self, num: int, y=None) -> Optional[torch.Tensor]:
         """The labels to sample with: ``None`` for an unconditional model; for a class-conditional model

@@ -28,8 +28,9 @@ from difflab.utils import per_sample_time
 TIME_FREQ_DIM = 64
 """Sinusoidal time features of the discriminators (32 sine/cosine pairs, as the U-Net's minimum)."""
 LEAK = 0.2
-"""Negative slope of the point discriminator's LeakyReLU (the GAN literature's usual value)."""
+"""Negative slope of the discriminators' LeakyReLU (the GAN literature's usual value)."""
 MAX_WIDTH_MULT = 4
+"""The image discriminator's widest level is this multiple of ``width``."""
 MIN_SIDE = 4
 """The image discriminator halves the side only while the result is at least this (8 -> 4; 28 -> 14 -> 7)."""
 
