@@ -243,9 +243,13 @@ DISCRETE_SAMPLERS = ("ddpm", "ddim", "ddgan")  # chains in the state's own dtype
 SAMPLERS: dict[str, Callable[..., Samples]] = {
     "ddpm": run_ddpm, "ddim": run_ddim,
     **{name: _ode_runner(name) for name in ("euler", "heun", "rk4", "dpmpp2m")},
-    "deis": run_deis, "rk45": run_rk45, "sde": run_sde, "pc": run_pc, "ancestral": run_ancestral, "ddgan": run_ddgan,
+    "deis": run_deis, "rk45": run_rk45, "sde": run_sde, "pc": run_pc, "ancestral": run_ancestral,
 }
-"""Sampler name -> ``fn(denoiser, x_T, steps, generator=, progress=, **options, **cond) -> Samples``."""
+"""Sampler name -> ``fn(denoiser, x_T, steps, generator=, progress=, **options, **cond) -> Samples``: the samplers of
+any denoiser (guidance wraps them all)."""
+RUN_SAMPLERS: dict[str, Callable[..., Samples]] = {**SAMPLERS, "ddgan": run_ddgan}
+"""What :func:`generate` and ``difflab sample`` take: :data:`SAMPLERS` and the DDGAN generator chain, which samples a
+DDGAN run only (a :class:`~difflab.ddgan.DDGANGenerator` is not a denoiser)."""
 
 
 @torch.no_grad()
@@ -258,11 +262,11 @@ def generate(denoiser, data_shape: Sequence[int], num: int, sampler: str = "ddim
     any ``batch_size``); ``y`` (long ``[num]``) is split with them. Returns ``Samples(x (num, ...) on the
     CPU, nfe per sample)``.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if sampler not in RUN_SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(RUN_SAMPLERS)}")
     if num < 1 or batch_size < 1:
         raise ValueError(f"num and batch_size must be >= 1, got num={num}, batch_size={batch_size}")
-    fn = SAMPLERS[sampler]
+    fn = RUN_SAMPLERS[sampler]
     accepted = inspect.signature(fn).parameters
     for name in options:
         if name not in accepted:
@@ -341,7 +345,7 @@ class Pipeline:
                y=None, batch_size: int = 256, progress: bool = True, guidance_scale: float = 1.0,
                guidance_interval: Optional[tuple] = None, guidance_rescale: float = 0.0, classifier=None,
                classifier_scale: float = 0.0, **options) -> Samples:
-        """``num`` samples with ``sampler`` (a key of :data:`SAMPLERS`) in ``steps`` network evaluations (defaults:
+        """``num`` samples with ``sampler`` (a key of :data:`RUN_SAMPLERS`) in ``steps`` network evaluations (defaults:
         :meth:`resolve_sampler`).
 
         ``eta`` is DDIM's stochasticity (SPEC §5); ``seed`` fixes every random draw; ``y`` see :meth:`labels`.

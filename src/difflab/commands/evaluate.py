@@ -14,10 +14,10 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from difflab.pipeline import SAMPLERS
+    from difflab.pipeline import RUN_SAMPLERS
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'difflab train'")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+    p.add_argument("--sampler", choices=list(RUN_SAMPLERS), default=None,
                    help="sampler (default: ddim; ddgan, the only one, for a DDGAN run)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 50; T for a DDGAN run)")
     p.add_argument("--num", type=int, default=1000,
