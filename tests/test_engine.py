@@ -194,6 +194,21 @@ def test_divergence_keeps_only_checkpoints_from_before_it(tmp_path, kind):
         assert torch.isfinite(pipe.sample(16, steps=5, progress=False).x).all()
 
 
+def test_ddgan_divergence_keeps_only_checkpoints_from_before_it(tmp_path):
+    """DDGAN with lr_d = lr_g = 1e6: the discriminator's logits explode, the run stops in one line and every
+    checkpoint left holds finite weights that sample finitely."""
+    from difflab.pipeline import load_run
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError, match="diverged|non-finite|no longer finite") as info:
+        run("ddgan", run_dir, 20, "ddgan.lr_d=1e6", "ddgan.lr_g=1e6")
+    assert "\n" not in str(info.value)
+    for step in list_checkpoints(run_dir):
+        pipe = load_run(run_dir, which=step)
+        assert all(torch.isfinite(p).all() for p in pipe.net.parameters())
+        assert torch.isfinite(pipe.sample(16, progress=False).x).all()
+
+
 def test_non_finite_weights_are_never_saved(tmp_path):
     """A step whose update leaves a non-finite weight stops the run before any save; the checkpoint of the step
     before (its loss was verified by this step) stays."""

@@ -77,11 +77,13 @@ examples:
 
 # --- sample ------------------------------------------------------------------------------------------------
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    from difflab.pipeline import SAMPLERS
+    from difflab.pipeline import RUN_SAMPLERS
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'difflab train'")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampler (default: ddim)")
-    p.add_argument("--steps", type=arguments.steps, default=50, help="network evaluations per sample (default: 50)")
+    p.add_argument("--sampler", choices=list(RUN_SAMPLERS), default=None,
+                   help="sampler (default: ddim; ddgan, the only one, for a DDGAN run)")
+    p.add_argument("--steps", type=arguments.steps, default=None,
+                   help="network evaluations per sample (default: 50; T for a DDGAN run, which takes no other)")
     p.add_argument("--num", type=arguments.count, default=64, help="number of samples (default: 64)")
     p.add_argument("--eta", type=arguments.finite_float, default=0.0, help="DDIM stochasticity, 0 = deterministic (default: 0)")
     p.add_argument("--seed", type=arguments.seed, default=0, help="random seed (default: 0)")
@@ -169,7 +171,7 @@ def run_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png or .npz, got {str(out)!r}")
-    if args.num < 1 or args.steps < 1:
+    if args.num < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError("--num and --steps must be >= 1")
     if args.classifier_scale is not None and args.classifier is None:
         raise ValueError("--classifier-scale needs --classifier CLS_DIR")
@@ -178,6 +180,7 @@ def run_sample(args: argparse.Namespace) -> int:
         if args.label is not None or not hasattr(pipe.net, "label_of"):
             raise ValueError("--prompt needs a run trained with model.prompt: true, and no --class")
         args.label = pipe.net.label_of(args.prompt)
+    args.sampler, args.steps = pipe.resolve_sampler(args.sampler, args.steps)
     image = len(pipe.output_shape) == 3
     if out.suffix == ".png" and not image and pipe.output_shape != (2,):
         raise ValueError(f"a .png needs images or 2-D points; this run's data has shape {pipe.output_shape}: use .npz")
@@ -216,8 +219,8 @@ def run_sample(args: argparse.Namespace) -> int:
         nrow = classes if (classes and args.label is None) else None
         save_image_grid(samples.x, out, nrow=nrow)
     else:
-        save_scatter(samples.x, out, title=f"{args.sampler}, {samples.nfe} NFE", labels=y)
-    print(f"difflab: wrote {args.num} samples ({args.sampler}, {samples.nfe} network evaluations each) to {out}")
+        save_scatter(samples.x, out, title=f"{sampler}, {samples.nfe} NFE", labels=y)
+    print(f"difflab: wrote {args.num} samples ({sampler}, {samples.nfe} network evaluations each) to {out}")
     return 0
 
 
@@ -231,6 +234,7 @@ examples:
   difflab sample runs/digits8 --guidance-scale 3 --guidance-interval 0 600 --guidance-rescale 0.7 --out cfg.png
   difflab sample runs/digits8 --class 7 --classifier runs/digits8-classifier --classifier-scale 2 --out sevens.png
   difflab sample runs/digits8 --sampler nested --outer 10 --inner 10 --inner-sampler deis --anytime-out anytime/ --out nested.png
+  difflab sample runs/ddgan_digits8 --class 3 --num 64 --out threes.png     # a DDGAN run: its T steps
 """
 
 

@@ -5,7 +5,8 @@ A run is described by :class:`RunConfig` with these sections::
     data:      {name, path, n, options}                      -> difflab.data.load_dataset
     model:     {kind, conditional, learned_variance, ...}    -> difflab.networks.build_network
     diffusion: {path, schedule, T, zero_terminal_snr,        -> difflab.paths (SPEC §2, §6),
-                target, weighting, min_snr_gamma}               parameterisation (§4), loss (§3)
+                target, weighting, min_snr_gamma, objective}    parameterisation (§4), loss (§3)
+    ddgan:     {nz, lr_g, lr_d, r1_gamma, lazy_reg, ...}     -> difflab.objectives.ddgan (with objective: ddgan)
     train:     {steps, batch_size, lr, ...}                  -> difflab.training.train
     classifier: {width, depth, steps, ...}                   -> difflab.classifier_training (optional)
     autoencoder: {latent_channels, kl_weight, ...}           -> difflab.objectives.autoencoder (SPEC §5)
@@ -190,7 +191,9 @@ class DiffusionConfig:
     ``[0, 1]``. ``target`` is what the network regresses (SPEC §4); ``weighting`` the loss weight
     ``w(t)`` (SPEC §3, :mod:`difflab.losses`). ``coupling`` pairs data with noise for flow matching
     (SPEC §6): ``none`` draws them independently, ``ot`` re-pairs each minibatch by exact optimal transport
-    (:func:`difflab.flows.flow_matching_loss`; needs ``target: velocity``).
+    (:func:`difflab.flows.flow_matching_loss`; needs ``target: velocity``). ``objective`` chooses what
+    ``difflab train`` fits: the diffusion loss, or ``ddgan`` — a generator of ``x̂0`` learned adversarially for the
+    ``T`` steps of the path (SPEC §5; the ``ddgan`` section; ``target`` and ``weighting`` do not apply).
     """
 
     path: str = field(default="discrete", metadata=_choices("discrete", *CONTINUOUS_PATHS))
@@ -201,9 +204,13 @@ class DiffusionConfig:
     weighting: str = field(default="none", metadata=_choices(*WEIGHTINGS))
     min_snr_gamma: float = 5.0
     coupling: str = field(default="none", metadata=_choices("none", "ot"))
+    objective: str = field(default="diffusion", metadata=_choices("diffusion", "ddgan"))
 
     def validate(self) -> None:
         _in_range("diffusion.T", self.T, 1, limits.MAX_T)
+        if self.objective == "ddgan" and (self.path != "discrete" or self.coupling != "none"):
+            raise ConfigError("diffusion.objective 'ddgan' trains a few-step chain on a discrete path "
+                              "(path: discrete, schedule: vp, coupling: none)")
         if self.coupling == "ot" and (self.target != "velocity" or self.weighting != "none"):
             raise ConfigError("diffusion.coupling 'ot' is a flow-matching coupling: it needs target velocity "
                               "(on a continuous path) and weighting none")
@@ -373,8 +380,46 @@ class AutoencoderConfig:
             raise ConfigError(f"autoencoder.held_out must lie in [0, 1), got {self.held_out}")
 
 
+
+@dataclass
+class DDGANConfig:
+    """DDGAN (SPEC §5; Xiao, Kreis, Vahdat 2022), used when ``diffusion.objective: ddgan``
+    (:mod:`difflab.objectives.ddgan`).
+
+    The generator is ``cfg.model`` with a latent ``z ∈ R^nz`` injected by modulation; the discriminator is an MLP
+    (points) or a small conv net (images) of width ``d_width`` and ``d_depth`` blocks (levels for images). Adam with
+    ``betas`` and learning rates ``lr_g`` / ``lr_d`` (``train.lr`` is not used); ``train.ema_decay`` is the EMA of
+    the generator, ``train.grad_clip`` clips both modules (0: off). The R1 penalty ``r1_gamma/2 · E||∇_x D||²`` on
+    real ``x_{t−1}`` is added every ``lazy_reg`` discriminator steps (1: every step), not rescaled by the interval,
+    as the reference does.
+    """
+
+    nz: int = 32
+    lr_g: float = 1.6e-4
+    lr_d: float = 1.25e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    r1_gamma: float = 0.05
+    lazy_reg: int = 1
+    d_width: int = 128
+    d_depth: int = 3
+
+    def validate(self) -> None:
+        for name in ("nz", "d_width"):
+            _in_range(f"ddgan.{name}", getattr(self, name), 1, limits.MAX_WIDTH)
+        _in_range("ddgan.lazy_reg", self.lazy_reg, 1, limits.MAX_STEPS)
+        _in_range("ddgan.d_depth", self.d_depth, 1, limits.MAX_DEPTH)
+        for name in ("lr_g", "lr_d"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"ddgan.{name} must be a positive number, got {value}")
+        if not (self.r1_gamma >= 0 and math.isfinite(self.r1_gamma)):
+            raise ConfigError(f"ddgan.r1_gamma must be a finite number >= 0, got {self.r1_gamma}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"ddgan.betas must be two numbers in [0, 1) (Adam's β1, β2), got {self.betas}")
+
+
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig,
-            "classifier": ClassifierConfig, "autoencoder": AutoencoderConfig}
+            "classifier": ClassifierConfig, "autoencoder": AutoencoderConfig, "ddgan": DDGANConfig}
 
 
 @dataclass
@@ -387,10 +432,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    ddgan: DDGANConfig = field(default_factory=DDGANConfig)
 
     def validate(self) -> "RunConfig":
         for name in SECTIONS:
             getattr(self, name).validate()
+        if self.diffusion.objective == "ddgan" and (self.model.learned_variance or self.train.p_uncond > 0):
+            raise ConfigError("diffusion.objective 'ddgan' draws x̂0 from its generator: it takes no "
+                              "model.learned_variance and no train.p_uncond (label dropout)")
         if self.train.p_uncond > 0 and not self.model.conditional:
             raise ConfigError("train.p_uncond > 0 (label dropout) needs model.conditional: true")
         return self

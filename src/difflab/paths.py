@@ -269,10 +269,13 @@ class DiscretePath(GaussianPath):
         ab, ab_prev = self._table("alpha_bar", t), self._table("alpha_bar", t - 1)
         return (1.0 - ab_prev) / (1.0 - ab) * self._table("betas", t)
 
-    def transition(self, x_prev: torch.Tensor, t, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One forward step ``x_t ~ q(x_t | x_{t−1}) = N(√α_t x_{t−1}, β_t I)`` (SPEC §2)."""
+    def transition(self, x_prev: torch.Tensor, t, generator: torch.Generator | None = None,
+                   eps: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward step ``x_t ~ q(x_t | x_{t−1}) = N(√α_t x_{t−1}, β_t I)`` (SPEC §2), with the noise ``eps``
+        when given (else drawn from ``generator``)."""
         t = torch.as_tensor(t, device=x_prev.device)
-        eps = randn(x_prev.shape, generator, x_prev.device, x_prev.dtype)
+        if eps is None:
+            eps = randn(x_prev.shape, generator, x_prev.device, x_prev.dtype)
         return bcast(self.alpha(t).sqrt(), x_prev) * x_prev + bcast(self.beta(t).sqrt(), x_prev) * eps
 
     def config(self) -> dict:

@@ -33,7 +33,8 @@ def build_model(cfg: RunConfig, data_shape: Sequence[int], num_classes: int = 0)
     """The network ``cfg.model`` describes for per-sample data of shape ``data_shape``.
 
     ``num_classes`` is used only when ``cfg.model.conditional`` (otherwise the network is unconditional); with
-    ``cfg.model.prompt`` the classes' prompts reach the U-Net by cross-attention (:class:`~difflab.prompts.PromptUNet`).
+    ``cfg.model.prompt`` the classes' prompts reach the U-Net by cross-attention (:class:`~difflab.prompts.PromptUNet`). A DDGAN
+    run's network is its generator: the same network with a latent of ``ddgan.nz`` (SPEC §5).
     """
     return build_model_sized(cfg, data_shape, num_classes)[0]
 
@@ -56,10 +57,16 @@ def build_model_sized(cfg: RunConfig, data_shape: Sequence[int], num_classes: in
             unet = build_network("unet", data_shape, 0, learned_variance=m.learned_variance,
                                  **{**m.network_kwargs(), "context_dim": m.text_dim})
             return PromptUNet(unet, class_prompts(cfg.data.name, num_classes), m.text_dim, m.text_depth, m.num_heads)
+        latent = {"latent_dim": cfg.ddgan.nz} if is_ddgan(cfg) else {}
         return build_network(m.kind, data_shape, num_classes if m.conditional else 0,
-                             learned_variance=m.learned_variance, **m.network_kwargs())
+                             learned_variance=m.learned_variance, **m.network_kwargs(), **latent)
 
     return build_within_limits(build, f"the {m.kind} network")
+
+
+def is_ddgan(cfg: RunConfig) -> bool:
+    """Whether the run trains a DDGAN generator (``diffusion.objective: ddgan``) rather than a denoiser."""
+    return cfg.diffusion.objective == "ddgan"
 
 
 def build_denoiser(cfg: RunConfig, net: Callable, path: Optional[GaussianPath] = None) -> NetworkDenoiser:
@@ -308,14 +315,33 @@ def _deis_from_state(denoiser, x: torch.Tensor, timesteps, **options) -> Samples
     return sample_deis(denoiser, x, timesteps, from_pure_noise=at_prior, **options)
 
 
-DISCRETE_SAMPLERS = ("ddpm", "ddim")  # chains in the state's own dtype; every other sampler is a continuous-time solver
+def run_ddgan(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, **cond) -> Samples:
+    """DDGAN's chain (SPEC §5): ``x̂0 = G(x_t, z, t)`` then ``x_{t−1} ~ q(x_{t−1} | x_t, x̂0)`` for each of the path's
+    ``T`` steps (:func:`difflab.ddgan.sample_ddgan`); ``denoiser`` is a :class:`~difflab.ddgan.DDGANGenerator`, and
+    ``steps`` must be ``T``: the generator was trained at those times only."""
+    from difflab.ddgan import sample_ddgan
+
+    if not hasattr(denoiser, "x0_draw"):
+        raise ValueError("the ddgan sampler needs a DDGAN generator (a run trained with diffusion.objective: ddgan)")
+    T = denoiser.path.T
+    if steps != T:
+        raise ValueError(f"a DDGAN run samples in exactly its T = {T} steps (its generator is trained at those "
+                         f"times), not {steps}: drop --steps or pass --steps {T}")
+    return sample_ddgan(denoiser.x0_draw, denoiser.path, x, generator, None, progress, **cond)
+
+
+DISCRETE_SAMPLERS = ("ddpm", "ddim", "ddgan")  # chains in the state's own dtype; every other sampler is a continuous-time solver
 SAMPLERS: dict[str, Callable[..., Samples]] = {
     "ddpm": run_ddpm, "ddim": run_ddim,
     **{name: _ode_runner(name) for name in ("euler", "heun", "rk4", "dpmpp2m")},
     "deis": run_deis, "rk45": run_rk45, "sde": run_sde, "pc": run_pc, "ancestral": run_ancestral,
     "nested": run_nested,
 }
-"""Sampler name -> ``fn(denoiser, x_T, steps, generator=, progress=, **options, **cond) -> Samples``."""
+"""Sampler name -> ``fn(denoiser, x_T, steps, generator=, progress=, **options, **cond) -> Samples``: the samplers of
+any denoiser (guidance wraps them all)."""
+RUN_SAMPLERS: dict[str, Callable[..., Samples]] = {**SAMPLERS, "ddgan": run_ddgan}
+"""What :func:`generate` and ``difflab sample`` take: :data:`SAMPLERS` and the DDGAN generator chain, which samples a
+DDGAN run only (a :class:`~difflab.ddgan.DDGANGenerator` is not a denoiser)."""
 
 
 @torch.no_grad()
@@ -328,15 +354,15 @@ def generate(denoiser, data_shape: Sequence[int], num: int, sampler: str = "ddim
     any ``batch_size``); ``y`` (long ``[num]``) is split with them. Returns ``Samples(x (num, ...) on the
     CPU, nfe per sample)``.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if sampler not in RUN_SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(RUN_SAMPLERS)}")
     if num < 1 or batch_size < 1:
         raise ValueError(f"num and batch_size must be >= 1, got num={num}, batch_size={batch_size}")
     values = num * math.prod(data_shape)
     if values > MAX_OUTPUT_VALUES:
         raise ValueError(f"{num} samples of shape {tuple(data_shape)} are {values:,} values, more than the "
                          f"{MAX_OUTPUT_VALUES:,} one call may hold: draw them in several calls")
-    fn = SAMPLERS[sampler]
+    fn = RUN_SAMPLERS[sampler]
     accepted = inspect.signature(fn).parameters
     for name in options:
         if name not in accepted:
@@ -354,13 +380,18 @@ def generate(denoiser, data_shape: Sequence[int], num: int, sampler: str = "ddim
     return Samples(torch.cat(outputs), nfe)
 
 
+DEFAULT_STEPS = 50
+"""Network evaluations of ``difflab sample`` / ``difflab eval`` when ``--steps`` is not given (DDGAN: its ``T``)."""
+
+
 # --- a trained run ---------------------------------------------------------------------------------------------
 @dataclass
 class Pipeline:
-    """A trained model ready to sample: ``denoiser(x, t, y=) -> Prediction`` on ``path``."""
+    """A trained model ready to sample: ``denoiser(x, t, y=) -> Prediction`` on ``path``, or for a DDGAN run the
+    :class:`~difflab.ddgan.DDGANGenerator` (sampled only by ``ddgan`` in its ``T`` steps)."""
 
     net: nn.Module
-    denoiser: NetworkDenoiser
+    denoiser: Union[NetworkDenoiser, "DDGANGenerator"]
     config: RunConfig
     data_shape: tuple
     num_classes: int
@@ -378,6 +409,19 @@ class Pipeline:
     def output_shape(self) -> tuple:
         """The shape of one sample :meth:`sample` returns: the decoder's images, else ``data_shape``."""
         return tuple(self.decoder.image_shape) if self.decoder is not None else self.data_shape
+
+    def ddgan(self) -> bool:
+        return is_ddgan(self.config)
+
+    def resolve_sampler(self, sampler: Optional[str], steps: Optional[int]) -> tuple:
+        """``(sampler, steps)`` with the run's defaults for the ones not given: ``ddgan`` in ``T`` steps for a DDGAN
+        run (which takes no other sampler), else DDIM with 50 steps (at most ``T`` on a discrete path)."""
+        if self.ddgan:
+            if sampler not in (None, "ddgan"):
+                raise ValueError(f"a DDGAN run samples with its generator chain (sampler ddgan), not {sampler!r}")
+            return "ddgan", self.path.T if steps is None else steps
+        default = min(DEFAULT_STEPS, self.path.T) if getattr(self.path, "discrete", False) else DEFAULT_STEPS
+        return sampler or "ddim", default if steps is None else steps
 
     def labels(self, num: int, y=None) -> Optional[torch.Tensor]:
         """The labels to sample with: ``None`` for an unconditional model; for a class-conditional model
@@ -399,11 +443,12 @@ class Pipeline:
                              " (and -1 for unconditional)")
         return y
 
-    def sample(self, num: int, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
+    def sample(self, num: int, sampler: Optional[str] = None, steps: Optional[int] = None, eta: float = 0.0, seed: int = 0,
                y=None, batch_size: int = 256, progress: bool = True, guidance_scale: float = 1.0,
                guidance_interval: Optional[tuple] = None, guidance_rescale: float = 0.0, classifier=None,
                classifier_scale: float = 0.0, decode: bool = True, **options) -> Samples:
-        """``num`` samples with ``sampler`` (a key of :data:`SAMPLERS`) in ``steps`` network evaluations.
+        """``num`` samples with ``sampler`` (a key of :data:`RUN_SAMPLERS`) in ``steps`` network evaluations (defaults:
+        :meth:`resolve_sampler`).
 
         ``eta`` is DDIM's stochasticity (SPEC §5); ``seed`` fixes every random draw; ``y`` see :meth:`labels`.
 
@@ -424,6 +469,10 @@ class Pipeline:
         """
         from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance
 
+        sampler, steps = self.resolve_sampler(sampler, steps)
+        if self.ddgan and (guidance_scale != 1.0 or classifier is not None):
+            raise ValueError("a DDGAN run draws x̂0 from its generator: guidance (SPEC §7) does not apply; "
+                             "sample a class with --class")
         if eta:
             options["eta"] = eta
         denoiser = self.denoiser
@@ -494,5 +543,11 @@ def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Un
         from difflab.latent import load_latent_decoder
 
         decoder = load_latent_decoder(run_dir, meta["latent"], device)
-    return Pipeline(net=net, denoiser=build_denoiser(cfg, net), config=cfg, data_shape=data_shape,
+    if is_ddgan(cfg):
+        from difflab.ddgan import DDGANGenerator
+
+        denoiser = DDGANGenerator(net, build_path(cfg.diffusion), cfg.ddgan.nz)
+    else:
+        denoiser = build_denoiser(cfg, net)
+    return Pipeline(net=net, denoiser=denoiser, config=cfg, data_shape=data_shape,
                     num_classes=num_classes, data_kind=data_kind, step=ckpt.step, device=device, decoder=decoder)

@@ -76,7 +76,26 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1.0 - alphas
 
 
-SCHEDULES = {"linear": linear, "cosine": cosine, "sigmoid": sigmoid}
+# The first grid time of :func:`vp`: DDGAN's ``eps_small`` (Xiao et al. 2022, ``get_sigma_schedule``), so that the
+# first step starts just above clean data rather than at t = 0, where the VP SDE's β(t) is smallest.
+VP_T_MIN = 1e-3
+
+
+def vp(T: int = 4, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = VP_T_MIN) -> torch.Tensor:
+    """The VP SDE sampled at ``T + 1`` equally spaced times ``τ_i = t_min + (i/T)(1 − t_min)`` (DDGAN's schedule,
+    Xiao et al. 2022, ``get_sigma_schedule``; SPEC §5): ``ᾱ(τ) = exp(−β_min τ − ½(β_max − β_min) τ²)`` (the
+    :class:`~difflab.paths.VPPath` signal ``a(τ)²``, SPEC §6) and ``β_i = 1 − ᾱ(τ_i)/ᾱ(τ_{i−1})``, unclipped.
+
+    For a handful of large steps (T ∈ {1, 2, 4, 8}) the steps are coarse but the last one reaches
+    ``ᾱ_T = exp(−10.05)``; T = 1 is a plain GAN from ``N(0, I)``.
+    """
+    _check_T(T)
+    tau = t_min + torch.arange(T + 1, dtype=torch.float64) / T * (1.0 - t_min)
+    alpha_bar = torch.exp(-beta_min * tau - 0.5 * (beta_max - beta_min) * tau**2)
+    return betas_from_alpha_bar(alpha_bar, max_beta=1.0)
+
+
+SCHEDULES = {"linear": linear, "cosine": cosine, "sigmoid": sigmoid, "vp": vp}
 
 
 def make_betas(name: str = "linear", T: int = 1000, zero_terminal_snr: bool = False, **kwargs) -> torch.Tensor:

@@ -218,6 +218,15 @@ def mixture_bed_2d(num_classes: int = 4, radius: float = 2.0, std: float = 0.3, 
     return GaussianMixtureBed(means, covs, labels=labels.tolist())
 
 
+def grid_bed_2d(side: int = 5, spacing: float = 1.0, std: float = 0.05) -> GaussianMixtureBed:
+    """A ``side × side`` grid of equal isotropic 2-D blobs ``spacing`` apart, centred on 0 (the "25 Gaussians" of the
+    GAN mode-collapse literature for ``side = 5``); each blob is its own class (row-major)."""
+    ticks = (torch.arange(side, dtype=torch.float64) - (side - 1) / 2) * spacing
+    means = torch.cartesian_prod(ticks, ticks)
+    covs = torch.full((side * side, 2), std**2, dtype=torch.float64)
+    return GaussianMixtureBed(means, covs, labels=list(range(side * side)))
+
+
 def fit_gaussian(x: torch.Tensor):
     """Sample mean and (unbiased) covariance of flattened samples, float64."""
     xf = x.reshape(x.shape[0], -1).double()

@@ -117,8 +117,14 @@ def train(cfg: RunConfig, run_dir: Union[str, Path], resume: bool = False, overw
 
         if dataset is None:
             dataset = training_data(cfg)
-        latent = cfg.data.autoencoder is not None
-        objective = (LatentDiffusionObjective if latent else DiffusionObjective)(cfg, dataset, device)
+        if cfg.diffusion.objective == "ddgan":  # SPEC §5: generator and discriminator
+            from difflab.objectives.ddgan import DDGANObjective
+
+            objective = DDGANObjective(cfg, dataset, device)
+        elif cfg.data.autoencoder is not None:
+            objective = LatentDiffusionObjective(cfg, dataset, device)
+        else:
+            objective = DiffusionObjective(cfg, dataset, device)
         engine = Engine(objective, Settings.from_train(tc), run_dir, device, ctx, progress, on_log)
         result = engine.fit(resume=resume, overwrite=overwrite)
         return TrainResult(step=result.step, loss=result.metrics.get("loss", float("nan")), run_dir=Path(run_dir),

@@ -16,11 +16,12 @@ from difflab.commands import arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from difflab.pipeline import SAMPLERS
+    from difflab.pipeline import RUN_SAMPLERS
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'difflab train'")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampler (default: ddim)")
-    p.add_argument("--steps", type=arguments.steps, default=50, help="sampler steps (default: 50)")
+    p.add_argument("--sampler", choices=list(RUN_SAMPLERS), default=None,
+                   help="sampler (default: ddim; ddgan, the only one, for a DDGAN run)")
+    p.add_argument("--steps", type=arguments.steps, default=None, help="sampler steps (default: 50; T for a DDGAN run)")
     p.add_argument("--num", type=arguments.count, default=1000,
                    help="samples to draw (default: 1000); with the noise floor at most half the reference set is used")
     p.add_argument("--eta", type=arguments.finite_float, default=0.0, help="DDIM stochasticity, 0 = deterministic (default: 0)")
@@ -56,7 +57,7 @@ def metrics_table(result: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from difflab.evaluation import evaluate_run
 
-    if args.num < 2 or args.steps < 1:
+    if args.num < 2 or (args.steps is not None and args.steps < 1):
         raise ValueError("--num must be >= 2 and --steps >= 1")
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix != ".json":

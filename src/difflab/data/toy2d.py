@@ -4,7 +4,7 @@ Scale convention: every generator maps its *noise-free* distribution by a fixed 
 closed-form mean and second moment, computed below) to **mean 0 and per-coordinate RMS 1**
 (``E|x|² = 2``); Gaussian noise of standard deviation ``noise`` is then added in those units. So
 the sets are comparable with each other and with the unit-variance diffusion prior.
-:func:`mixture` is the exception: it samples a labelled test bed (SPEC §8) in the bed's own
+:func:`mixture` and :func:`gaussian_grid` are the exceptions: they sample labelled test beds (SPEC §8) in the bed's own
 coordinates, so the bed's exact densities and posteriors apply to the samples unchanged.
 
 Each ``f(n, generator=None, noise=…) -> (n, 2)`` float32; ``generator`` is a ``torch.Generator``,
@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import torch
 
-from difflab.testbeds import mixture_bed_2d
+from difflab.testbeds import grid_bed_2d, mixture_bed_2d
 from difflab.utils import randn
 
 GeneratorLike = Union[torch.Generator, int, None]
@@ -136,4 +136,13 @@ def mixture(n: int, generator: GeneratorLike = None, num_classes: int = MIXTURE_
     n, g = _check_n(n), as_generator(generator)
     bed = mixture_bed_2d(num_classes=num_classes, radius=radius, std=std, components_per_class=components_per_class)
     x, y = bed.sample(n, g, return_labels=True)
+    return (x, y) if return_labels else x
+
+
+def gaussian_grid(n: int, generator: GeneratorLike = None, side: int = 5, spacing: float = 1.0, std: float = 0.05,
+                  return_labels: bool = False):
+    """Samples of :func:`difflab.testbeds.grid_bed_2d` (``side²`` blobs of std ``std`` on a grid ``spacing`` apart, in
+    the bed's coordinates); ``return_labels`` also returns each point's blob ``(n,)``."""
+    n, g = _check_n(n), as_generator(generator)
+    x, y = grid_bed_2d(side, spacing, std).sample(n, g, return_labels=True)
     return (x, y) if return_labels else x

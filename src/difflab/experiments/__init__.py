@@ -15,4 +15,5 @@ EXPERIMENTS: dict[str, str] = {
     "guidance-tilted": "guidance_tilted",
     "nested": "nested",
     "reverse-kernel": "reverse_kernel",
+    "ddgan-steps": "ddgan_steps",
 }

@@ -127,20 +127,32 @@ def check_labels(y, batch: int, num_classes: int) -> torch.Tensor:
 
 
 class ConditionEmbedding(nn.Module):
-    """The per-sample conditioning vector ``emb(t, y) = TimeMLP(t) + ClassEmb(y)`` -> ``(B, dim)``.
+    """The per-sample conditioning vector ``emb(t, y, z) = TimeMLP(t) + ClassEmb(y) [+ Mapping(z)]`` -> ``(B, dim)``.
 
-    With ``num_classes == 0`` the network is unconditional: ``y`` must be ``None`` or all null.
+    With ``num_classes == 0`` the network is unconditional: ``y`` must be ``None`` or all null. With
+    ``latent_dim > 0`` a latent ``z (B, latent_dim)`` enters through a mapping MLP (``Linear -> SiLU -> Linear``)
+    into the same vector, so it modulates every block the way time does — the scale/shift of the U-Net's norms
+    (AdaGN, as DDGAN's generator injects its latent; SPEC §5).
     """
 
-    def __init__(self, freq_dim: int, dim: int, num_classes: int = 0):
+    def __init__(self, freq_dim: int, dim: int, num_classes: int = 0, latent_dim: int = 0):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.latent_dim = num_classes, latent_dim
         self.time = TimeEmbedding(freq_dim, dim)
         self.label = ClassEmbedding(num_classes, dim) if num_classes > 0 else None
+        self.mapping = (nn.Sequential(nn.Linear(latent_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+                        if latent_dim > 0 else None)
 
-    def forward(self, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, y: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None) -> torch.Tensor:
         emb = self.time(t)  # (B, dim)
         batch = emb.shape[0]
+        if self.mapping is not None:
+            if z is None or z.shape != (batch, self.latent_dim):
+                raise ValueError(f"this network takes a latent z of shape ({batch}, {self.latent_dim}), "
+                                 f"got {None if z is None else tuple(z.shape)}")
+            emb = emb + self.mapping(z.to(emb.dtype))
+        elif z is not None:
+            raise ValueError("this network was built without a latent (latent_dim=0) but got z")
         if self.label is not None:
             return emb + self.label(y, batch)
         if y is not None and (torch.as_tensor(y) != NULL_LABEL).any():

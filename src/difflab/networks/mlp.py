@@ -48,10 +48,11 @@ class MLPDenoiser(nn.Module):
         time_dim: number of sinusoidal time features (even).
         num_classes: classes for label conditioning (0 = unconditional).
         learned_variance: double the output along dim 1 (target, raw variance interpolation).
+        latent_dim: width of a latent ``z`` added to the conditioning vector (a DDGAN generator; 0 = none).
     """
 
     def __init__(self, dim: Union[int, Sequence[int]], hidden: int = 256, depth: int = 4, time_dim: int = 128,
-                 num_classes: int = 0, learned_variance: bool = False):
+                 num_classes: int = 0, learned_variance: bool = False, latent_dim: int = 0):
         super().__init__()
         self.shape = (int(dim),) if isinstance(dim, int) else tuple(int(d) for d in dim)
         if not self.shape or min(self.shape) < 1 or hidden < 1 or depth < 0:
@@ -60,7 +61,7 @@ class MLPDenoiser(nn.Module):
         self.num_classes, self.learned_variance = num_classes, learned_variance
         D = math.prod(self.shape)
         self.out_shape = ((2 * self.shape[0],) + self.shape[1:]) if learned_variance else self.shape
-        self.embed = ConditionEmbedding(time_dim, hidden, num_classes)
+        self.embed = ConditionEmbedding(time_dim, hidden, num_classes, latent_dim)
         self.inp = nn.Linear(D, hidden)
         self.blocks = nn.ModuleList([MLPBlock(hidden) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(hidden)
@@ -69,15 +70,15 @@ class MLPDenoiser(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
-                context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x (B, *shape)``, ``t [B]`` (network time), ``y [B]`` labels -> ``(B, *out_shape)``."""
+                context: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x (B, *shape)``, ``t [B]`` (network time), ``y [B]`` labels, ``z (B, latent_dim)`` -> ``(B, *out_shape)``."""
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"MLPDenoiser expects input of shape (B, {', '.join(map(str, self.shape))}), "
                              f"got {tuple(x.shape)}")
         if context is not None:
             raise ValueError("MLPDenoiser takes no cross-attention context; use the UNet with context_dim")
         B = x.shape[0]
-        emb = self.embed(per_sample_time(t, B, device=x.device), y)  # (B, hidden)
+        emb = self.embed(per_sample_time(t, B, device=x.device), y, z)  # (B, hidden)
         h = self.inp(x.reshape(B, -1))
         for block in self.blocks:
             h = block(h, emb)

@@ -117,12 +117,14 @@ class UNet(nn.Module):
         learned_variance: double the output channels (target, raw variance interpolation).
         image_size: the input side length, or ``(H, W)`` for a rectangle (e.g. the 28×56 two-digit canvas); each side
             must be divisible by ``2^(len(channel_mults) − 1)``. Resolutions (``attn_resolutions``) are heights.
+        latent_dim: width of a latent ``z`` that modulates every residual block's norm with the time
+            (:class:`~difflab.networks.embeddings.ConditionEmbedding`; a DDGAN generator, SPEC §5; 0 = none).
     """
 
     def __init__(self, in_channels: int = 1, base_channels: int = 32, channel_mults: Sequence[int] = (1, 2, 2),
                  num_res_blocks: int = 2, attn_resolutions: Optional[Sequence[int]] = None, dropout: float = 0.0,
                  num_classes: int = 0, context_dim: Optional[int] = None, num_heads: int = 4,
-                 learned_variance: bool = False, image_size=28):
+                 learned_variance: bool = False, image_size=28, latent_dim: int = 0):
         super().__init__()
         levels = len(channel_mults)
         if levels < 1 or num_res_blocks < 1 or base_channels < 1:
@@ -144,7 +146,7 @@ class UNet(nn.Module):
 
         emb_dim = 4 * base_channels
         freq_dim = max(MIN_TIME_FREQ_DIM, base_channels + base_channels % 2)  # sinusoidal features (even)
-        self.embed = ConditionEmbedding(freq_dim, emb_dim, num_classes)
+        self.embed = ConditionEmbedding(freq_dim, emb_dim, num_classes, latent_dim)
 
         def block(c_in, c_out, res):
             return ResAttnBlock(c_in, c_out, emb_dim, dropout, res in attn, num_heads, context_dim)
@@ -182,13 +184,14 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
-                context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x (B, C, H, W)``, ``t [B]`` (network time), ``y [B]`` labels, ``context (B, L, context_dim)``."""
+                context: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x (B, C, H, W)``, ``t [B]`` (network time), ``y [B]`` labels, ``context (B, L, context_dim)``,
+        ``z (B, latent_dim)``."""
         expected = (self.in_channels, *self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"UNet expects input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         context = self._check_context(context, x.shape[0])
-        emb = self.embed(per_sample_time(t, x.shape[0], device=x.device), y)  # (B, emb_dim)
+        emb = self.embed(per_sample_time(t, x.shape[0], device=x.device), y, z)  # (B, emb_dim)
 
         h = self.conv_in(x)
         skips = [h]

@@ -35,6 +35,16 @@ class DiffusionObjective(Objective):
 
     def __init__(self, cfg: RunConfig, dataset, device: torch.device):
         tc = cfg.train
+        self.setup_data(cfg, dataset, device)
+        self.net = build_model(cfg, self.data_shape, self.num_classes).to(device)
+        self.trainables = {"net": Trainable(self.net, lr=tc.lr, weight_decay=tc.weight_decay,
+                                            schedule=linear_warmup(tc.warmup_steps), grad_clip=tc.grad_clip,
+                                            ema_decay=tc.ema_decay, ema_start=tc.ema_start)}
+        self._denoiser = None
+
+    def setup_data(self, cfg: RunConfig, dataset, device: torch.device) -> None:
+        """The config, data (``x_data``, ``data_shape``, ``num_classes``, ``y_data``, ``data_kind``) and ``path`` on
+        ``device``, then the global RNG seeded for building the networks."""
         self.config, self.device = cfg, device
         self.x_data = dataset.x.to(device)  # (N, *data_shape)
         self.data_shape = tuple(self.x_data.shape[1:])
@@ -45,12 +55,7 @@ class DiffusionObjective(Objective):
             self.num_classes, self.y_data = int(dataset.num_classes), dataset.y.to(device).long()
         self.data_kind = getattr(dataset, "kind", None)
         self.path = build_path(cfg.diffusion)
-        seed_global_rng(step_seed(tc.seed, -1, "init"), device)
-        self.net = build_model(cfg, self.data_shape, self.num_classes).to(device)
-        self.trainables = {"net": Trainable(self.net, lr=tc.lr, weight_decay=tc.weight_decay,
-                                            schedule=linear_warmup(tc.warmup_steps), grad_clip=tc.grad_clip,
-                                            ema_decay=tc.ema_decay, ema_start=tc.ema_start)}
-        self._denoiser = None
+        seed_global_rng(step_seed(cfg.train.seed, -1, "init"), device)
 
     def step(self, ctx) -> dict:
         tc, gen = self.config.train, ctx.generator
@@ -95,22 +100,29 @@ class DiffusionObjective(Objective):
         """What a sample is shown as: the sample itself (a latent objective decodes it to an image)."""
         return x
 
+    def preview_sampler(self) -> tuple:
+        """``(denoiser, sampler, steps)`` of the sample hook: DDIM with ``train.sample_steps`` (at most ``T``)
+        around the raw network (no DDP collectives)."""
+        tc = self.config.train
+        steps = min(tc.sample_steps, getattr(self.path, "T", tc.sample_steps))
+        return build_denoiser(self.config, self.net, self.path), "ddim", steps
+
     @torch.no_grad()
     def sample(self, engine, step: int, out: Path) -> Optional[Path]:
-        """DDIM samples of the EMA model as a grid (images) or a scatter plot (2-D points); other data: none."""
+        """Samples of the EMA model (:meth:`preview_sampler`) as a grid (images) or a scatter plot (2-D points);
+        other data: none."""
         from difflab.plotting import save_image_grid, save_scatter
 
         tc, shape = self.config.train, self.data_shape
         if not (len(shape) == 3 or shape == (2,)):
             return None
-        denoiser = build_denoiser(self.config, self.net, self.path)  # the raw network: no DDP collectives
-        steps = min(tc.sample_steps, getattr(self.path, "T", tc.sample_steps))
+        denoiser, sampler, steps = self.preview_sampler()
         y = torch.arange(tc.num_sample_images) % self.num_classes if self.num_classes else None
         generator = torch.Generator().manual_seed(step_seed(tc.seed, 0, "samples"))  # the same noise every time
         with engine.emas["net"].swapped_in(self.net):
             self.net.eval()
             try:
-                x = generate(denoiser, shape, tc.num_sample_images, "ddim", steps, generator, y, device=self.device).x
+                x = generate(denoiser, shape, tc.num_sample_images, sampler, steps, generator, y, device=self.device).x
             finally:
                 self.net.train()
         if shape == (2,):
