@@ -219,8 +219,8 @@ def run_sample(args: argparse.Namespace) -> int:
         nrow = classes if (classes and args.label is None) else None
         save_image_grid(samples.x, out, nrow=nrow)
     else:
-        save_scatter(samples.x, out, title=f"{sampler}, {samples.nfe} NFE", labels=y)
-    print(f"difflab: wrote {args.num} samples ({sampler}, {samples.nfe} network evaluations each) to {out}")
+        save_scatter(samples.x, out, title=f"{args.sampler}, {samples.nfe} NFE", labels=y)
+    print(f"difflab: wrote {args.num} samples ({args.sampler}, {samples.nfe} network evaluations each) to {out}")
     return 0
 
 

@@ -410,6 +410,7 @@ class Pipeline:
         """The shape of one sample :meth:`sample` returns: the decoder's images, else ``data_shape``."""
         return tuple(self.decoder.image_shape) if self.decoder is not None else self.data_shape
 
+    @property
     def ddgan(self) -> bool:
         return is_ddgan(self.config)
 
