@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from difflab.paths import (ContinuousPath, DiscretePath, DiscreteTimeContinuation, EDMPath, LinearPath, SubVPPath,
-                           TrigPath, VEPath, VPCosinePath, VPPath)
+from difflab.paths import (ContinuousPath, DiscretePath, DiscreteTimeContinuation, EDMPath, LinearPath, SplineTimeContinuation,
+                           SubVPPath, TrigPath, VEPath, VPCosinePath, VPPath)
 from difflab.utils import randn
 
 PATHS = {
@@ -20,6 +20,7 @@ PATHS = {
     "trig": TrigPath(),
     "ddpm_continuation": DiscreteTimeContinuation(DiscretePath.from_schedule("linear", T=1000)),
     "cosine_continuation": DiscreteTimeContinuation(DiscretePath.from_schedule("cosine", T=100)),
+    "ddpm_spline": SplineTimeContinuation(DiscretePath.from_schedule("linear", T=1000)),
 }
 
 

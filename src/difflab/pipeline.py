@@ -94,17 +94,18 @@ def run_ddpm(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bo
 def continuous_view(denoiser):
     """``denoiser`` on a continuous path: itself, or a DDPM-time model seen exactly in continuous time.
 
-    A network trained on discrete steps is re-wrapped on :class:`~difflab.paths.DiscreteTimeContinuation`
-    with ``network_time`` (the fractional DDPM step ``u = tT``) as its time input, so integer grid times give
-    exactly the discrete model. A wrapper with an inner ``.denoiser`` (guidance) is copied around the
+    A network trained on discrete steps is re-wrapped on :class:`~difflab.paths.SplineTimeContinuation` (a
+    cubic spline of ``log ᾱ`` through every integer step: smooth, so high-order and adaptive solvers reach their
+    order, and exact at integer steps) with ``network_time`` (the fractional DDPM step ``u = tT``) as its time
+    input, so integer grid times give exactly the discrete model. A wrapper with an inner ``.denoiser`` (guidance) is copied around the
     converted inner model; an exact test-bed model is rebuilt on the continuation.
     """
-    from difflab.paths import DiscreteTimeContinuation
+    from difflab.paths import smooth_continuation
 
     path = denoiser.path
     if not getattr(path, "discrete", False):
         return denoiser
-    cont = DiscreteTimeContinuation(path)
+    cont = smooth_continuation(path)
     if isinstance(denoiser, NetworkDenoiser):
         return NetworkDenoiser(denoiser.net, cont, denoiser.target, learned_variance=denoiser.learned_variance,
                                time_fn=cont.network_time)
