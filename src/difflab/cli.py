@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 from difflab.commands import evaluate, experiment
 from difflab.commands import demo, train_classifier
 from difflab.commands import nll, reflow
+from difflab.commands import calibrate
 from difflab.commands import arguments
 from difflab.limits import MAX_CLASSES
 
@@ -80,7 +81,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     from difflab.pipeline import SAMPLERS
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'difflab train'")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampler (default: ddim)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="default",
+                   help="sampler (default: 'default', DEIS order 3 on a log-SNR grid capped at σ̄ = 80, or the grid "
+                        "'difflab calibrate' fitted to this run for --steps)")
     p.add_argument("--steps", type=arguments.steps, default=50, help="network evaluations per sample (default: 50)")
     p.add_argument("--num", type=arguments.count, default=64, help="number of samples (default: 64)")
     p.add_argument("--eta", type=arguments.finite_float, default=0.0, help="DDIM stochasticity, 0 = deterministic (default: 0)")
@@ -242,6 +245,8 @@ COMMANDS: list[Command] = [
             nll.add_arguments, nll.run, nll.EXAMPLES),
     Command("reflow", "straighten a rectified-flow run: retrain on its own (noise, sample) pairs",
             reflow.add_arguments, reflow.run, reflow.EXAMPLES),
+    Command("calibrate", "fit the default sampler's time grid to a trained run against reference ODE solves",
+            calibrate.add_arguments, calibrate.run, calibrate.EXAMPLES),
 ]
 """The subcommands, in the order ``difflab --help`` lists them."""
 

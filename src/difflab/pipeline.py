@@ -230,6 +230,22 @@ def run_ancestral(denoiser, x: torch.Tensor, steps: int, generator=None, progres
     return sample_ancestral(den, x, uniform_t(den.path, steps), generator=generator, progress=progress, **cond)
 
 
+def run_default(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False,
+                grid: Optional[torch.Tensor] = None, **cond) -> Samples:
+    """difflab's default sampler (:mod:`difflab.samplers.calibration`, SPEC §6): DEIS of order ``DEFAULT_ORDER`` with
+    ``steps`` evaluations on ``grid`` — a calibrated grid of the run (:meth:`Pipeline.sample` passes it when the run
+    has one for this budget, checked by :func:`~difflab.samplers.calibration.check_grid`) or else
+    :func:`~difflab.samplers.calibration.default_sampler_grid`; a DDPM-time model runs through :func:`continuous_view`."""
+    from difflab.samplers.calibration import check_grid, default_sampler_grid, sample_default
+
+    den = continuous_view(denoiser)
+    if grid is None:
+        grid = default_sampler_grid(den.path, steps)
+    else:
+        grid = check_grid([float(v) for v in grid], den.path, steps, "grid")
+    return sample_default(den, x, grid, generator=generator, progress=progress, **cond)
+
+
 MAX_OUTPUT_VALUES = 1 << 28
 """Values one :func:`generate` call may return (1 GiB in float32; x_T is drawn in float64 for the ODE solvers)."""
 
@@ -303,7 +319,7 @@ SAMPLERS: dict[str, Callable[..., Samples]] = {
     "ddpm": run_ddpm, "ddim": run_ddim,
     **{name: _ode_runner(name) for name in ("euler", "heun", "rk4", "dpmpp2m")},
     "deis": run_deis, "rk45": run_rk45, "sde": run_sde, "pc": run_pc, "ancestral": run_ancestral,
-    "nested": run_nested,
+    "nested": run_nested, "default": run_default,
 }
 """Sampler name -> ``fn(denoiser, x_T, steps, generator=, progress=, **options, **cond) -> Samples``."""
 
@@ -357,6 +373,7 @@ class Pipeline:
     data_kind: str
     step: int
     device: torch.device
+    run_dir: Optional[Path] = None
 
     @property
     def path(self) -> GaussianPath:
@@ -434,9 +451,23 @@ class Pipeline:
             labels = torch.as_tensor(y, dtype=torch.long).expand(num).clone()
         if by_classifier and (labels < 0).any():
             raise ValueError("classifier guidance needs a class to guide towards, not -1 (unconditional)")
+        if sampler == "default" and "grid" not in options:
+            calibrated = self.calibrated_grids()
+            if steps in calibrated:
+                options["grid"] = calibrated[steps]
         generator = torch.Generator().manual_seed(int(seed))
         return generate(denoiser, self.data_shape, num, sampler, steps, generator, labels,
                         batch_size, progress, self.device, **options)
+
+
+    def calibrated_grids(self) -> dict:
+        """``{nfe: grid}`` of the default sampler fitted to this model by ``difflab calibrate``
+        (:func:`~difflab.samplers.calibration.read_calibration`; empty without a run directory or calibration)."""
+        from difflab.samplers.calibration import read_calibration
+
+        if self.run_dir is None:
+            return {}
+        return read_calibration(self.run_dir, continuous_view(self.denoiser).path)
 
 
 def default_device(device=None) -> torch.device:
@@ -473,7 +504,7 @@ def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Un
     if data_kind not in ("points", "image"):
         raise CheckpointError(f"{json_file}: meta.data_kind must be 'points' or 'image', got {data_kind!r:.40}")
     return Pipeline(net=net, denoiser=build_denoiser(cfg, net), config=cfg, data_shape=data_shape,
-                    num_classes=num_classes, data_kind=data_kind, step=ckpt.step, device=device)
+                    num_classes=num_classes, data_kind=data_kind, step=ckpt.step, device=device, run_dir=Path(run_dir))
 
 
 def load_weights(net: nn.Module, state, source: Path) -> None:
