@@ -245,9 +245,9 @@ def read_calibration(run_dir: Union[str, Path], path) -> dict:
     source = Path(run_dir) / CALIBRATION_FILE
     if not source.exists():
         return {}
+    if not source.is_file() or source.stat().st_size > MAX_CALIBRATION_BYTES:
+        raise CalibrationError(f"{source}: not a file of at most {MAX_CALIBRATION_BYTES} bytes")
     try:
-        if not source.is_file() or source.stat().st_size > MAX_CALIBRATION_BYTES:
-            raise CalibrationError(f"{source}: not a file of at most {MAX_CALIBRATION_BYTES} bytes")
         doc = json.loads(source.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except (OSError, UnicodeDecodeError, RecursionError, ValueError) as err:
         if isinstance(err, CalibrationError):
