@@ -177,6 +177,20 @@ def _ode_runner(solver: str) -> Callable[..., Samples]:
     return run
 
 
+def run_heun(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, **cond) -> Samples:
+    """Heun's trapezoid within ``steps`` evaluations (SPEC §6): the exponential-integrator Heun
+    (:func:`~difflab.samplers.ode.sample_heun_exp`, whose first stage is DDIM) on a grid uniform in the path's time,
+    ``1 + (steps − 1) // 2`` steps. Measured on trained DDPM-time models (benchmarks/results/trained.md): Heun in path
+    time (:func:`~difflab.samplers.ode.sample_heun`) on a log-SNR grid is stiff near ``t_max`` of a cosine schedule
+    (``ȧ/a`` is huge there) and spends its steps at ``σ̄ ≫ 1``, which left it behind DDIM at 20 evaluations."""
+    from difflab.samplers.ode import sample_heun_exp
+    from difflab.samplers.time_grids import uniform_t
+
+    den = continuous_view(denoiser)
+    return sample_heun_exp(den, x, uniform_t(den.path, 1 + (steps - 1) // 2), generator=generator, progress=progress,
+                           **cond)
+
+
 def run_deis(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False,
              order: Optional[int] = None, **cond) -> Samples:
     """DEIS log-ρ Adams–Bashforth of ``order`` (SPEC §6) with ``steps`` evaluations on :func:`solver_grid`; the
@@ -317,7 +331,7 @@ def _deis_from_state(denoiser, x: torch.Tensor, timesteps, **options) -> Samples
 DISCRETE_SAMPLERS = ("ddpm", "ddim")  # chains in the state's own dtype; every other sampler is a continuous-time solver
 SAMPLERS: dict[str, Callable[..., Samples]] = {
     "ddpm": run_ddpm, "ddim": run_ddim,
-    **{name: _ode_runner(name) for name in ("euler", "heun", "rk4", "dpmpp2m")},
+    **{name: _ode_runner(name) for name in ("euler", "rk4", "dpmpp2m")}, "heun": run_heun,
     "deis": run_deis, "rk45": run_rk45, "sde": run_sde, "pc": run_pc, "ancestral": run_ancestral,
     "nested": run_nested, "default": run_default,
 }
