@@ -178,14 +178,17 @@ def _ode_runner(solver: str) -> Callable[..., Samples]:
 
 
 def run_heun(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, **cond) -> Samples:
-    """Heun's trapezoid within ``steps`` evaluations (SPEC §6): the exponential-integrator Heun
-    (:func:`~difflab.samplers.ode.sample_heun_exp`, whose first stage is DDIM) on a grid uniform in the path's time,
-    ``1 + (steps − 1) // 2`` steps. Measured on trained DDPM-time models (benchmarks/results/trained.md): Heun in path
-    time (:func:`~difflab.samplers.ode.sample_heun`) on a log-SNR grid is stiff near ``t_max`` of a cosine schedule
+    """Heun's trapezoid within ``steps`` evaluations (SPEC §6). A model on a continuous path: Heun in its time
+    (:func:`~difflab.samplers.ode.sample_heun`, EDM's Algorithm 1) on :func:`solver_grid`. A DDPM-time model: the
+    exponential-integrator Heun (:func:`~difflab.samplers.ode.sample_heun_exp`, whose first stage is DDIM) on a grid
+    uniform in time, ``1 + (steps − 1) // 2`` steps. Measured on trained DDPM-time models
+    (benchmarks/results/trained.md): Heun in path time on a log-SNR grid is stiff near ``t_max`` of a cosine schedule
     (``ȧ/a`` is huge there) and spends its steps at ``σ̄ ≫ 1``, which left it behind DDIM at 20 evaluations."""
     from difflab.samplers.ode import sample_heun_exp
     from difflab.samplers.time_grids import uniform_t
 
+    if not getattr(denoiser.path, "discrete", False):
+        return _ode_runner("heun")(denoiser, x, steps, generator=generator, progress=progress, **cond)
     den = continuous_view(denoiser)
     return sample_heun_exp(den, x, uniform_t(den.path, 1 + (steps - 1) // 2), generator=generator, progress=progress,
                            **cond)
