@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.common import machine_info, write_json
 
-MODULES = ("accuracy", "exact_stochastic", "side_by_side", "overhead", "training")
+MODULES = ("accuracy", "exact_stochastic", "side_by_side", "overhead", "training", "trained")
 
 
 def main(argv=None) -> int:
