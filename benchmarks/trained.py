@@ -278,3 +278,65 @@ def run(quick: bool = False, log=print) -> dict:
     for name in MODELS:
         result["models"][name] = run_model(name, quick, log)
     return result
+
+
+# --- the report ------------------------------------------------------------------------------------------------------
+def write_markdown(out: Path) -> Optional[Path]:
+    """``OUT/trained.md`` from ``OUT/trained.json`` (if present): per model, the NFE × sampler table of RMSE to the
+    reference (FD in brackets), difflab and each diffusers family's best configuration side by side."""
+    import json
+
+    source = Path(out) / "trained.json"
+    if not source.exists():
+        return None
+    record = json.loads(source.read_text())
+    result = record["result"]
+    if "models" not in result:
+        return None
+    lines = ["# Samplers on trained networks", "",
+             f"Made by `{result['command']}` ({record['seconds']:.0f} s on the shared two-core machine; diffusers "
+             f"{result['diffusers_version']}). Every entry: RMSE per sample to the reference solve, and in brackets "
+             "the samples' FD to the data. Same network, same x_T for every row. See benchmarks/trained.py.", ""]
+    for name, m in result["models"].items():
+        ref = m["reference"]
+        nfes = result["nfe"]
+        lines += [f"## {name}", "",
+                  f"{m['num']} samples (x_T seed {m['seed']}), {m['schedule']} schedule, target `{m['target']}`. "
+                  f"Reference: adaptive RK45 at rtol = atol = {ref['rtol']:g}, {ref['nfe']} NFE; its own RMSE to a "
+                  f"solve at half the tolerance {ref['rmse_vs_half_tolerance']:.2g}; its {m['fd_name']} "
+                  f"{ref['fd']:.4g}. DDIM, difflab vs diffusers on this network (the adapter's proof): max |Δ| = "
+                  f"{m['ddim_equality_max_abs']:.2g}.", ""]
+        lines += ["| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                  "| --- | " + " | ".join("---" for _ in nfes) + " |"]
+
+        def cells(points):
+            by = {p["target_nfe"]: p for p in points}
+            return " | ".join(f"{by[n]['rmse']:.4f} ({by[n]['fd']:.3g})" if n in by and "fd" in by[n] else
+                              (f"{by[n]['rmse']:.4f}" if n in by else "—") for n in nfes)
+
+        for label, points in m["difflab"].items():
+            lines.append(f"| difflab {label} | {cells(points)} |")
+        for fam, f in m["diffusers"].items():
+            for key, s in f["sweep"].items():
+                lines.append(f"| diffusers {fam} {key} ({s['label']}) | {cells(s['points'])} |")
+        lines += ["", "Calibration (`difflab calibrate`, calibration batch seed 0, held-out batch = the x_T above):", "",
+                  "| NFE | calibrated: calibration batch | calibrated: held out | default grid: calibration | "
+                  "default grid: held out | reference NFE | seconds |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for nfe, c in m["calibration"].items():
+            lines.append(f"| {nfe} | {c['rmse']:.4f} | {c['heldout_rmse']:.4f} | {c['default_rmse']:.4f} | "
+                         f"{c['default_heldout_rmse']:.4f} | {c['reference']['nfe']} | {c['seconds']:.0f} |")
+        lines += ["", "Headline (difflab's default, calibrated and not, vs diffusers' best configuration at that NFE):",
+                  "", "| NFE | diffusers best | its RMSE (FD) | default (FD) | ratio | calibrated default (FD) | ratio |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for row in m["headline"]:
+            lines.append(
+                f"| {row['nfe']} | {row['diffusers_best']} | {row['diffusers_rmse']:.4f} ({row['diffusers_fd']:.3g}) | "
+                f"{row.get('default_rmse', float('nan')):.4f} ({row.get('default_fd', float('nan')):.3g}) | "
+                f"{row.get('default_over_diffusers', float('nan')):.2f} | "
+                f"{row.get('default, calibrated_rmse', float('nan')):.4f} "
+                f"({row.get('default, calibrated_fd', float('nan')):.3g}) | "
+                f"{row.get('default, calibrated_over_diffusers', float('nan')):.2f} |")
+        lines.append("")
+    path = Path(out) / "trained.md"
+    path.write_text("\n".join(lines))
+    return path
