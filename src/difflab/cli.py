@@ -82,7 +82,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'difflab train'")
     p.add_argument("--sampler", choices=list(SAMPLERS), default="default",
-                   help="sampler (default: 'default', DEIS order 3 on a log-SNR grid capped at σ̄ = 80, or the grid "
+                   help="sampler (default: 'default', DEIS order 3 on a Karras ρ = 7 grid capped at σ̄ = 80, or the grid "
                         "'difflab calibrate' fitted to this run for --steps)")
     p.add_argument("--steps", type=arguments.steps, default=50, help="network evaluations per sample (default: 50)")
     p.add_argument("--num", type=arguments.count, default=64, help="number of samples (default: 64)")
