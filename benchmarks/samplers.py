@@ -84,6 +84,17 @@ DIFFLAB_SAMPLERS += [_ode_spec(solver, grid) for solver in ("deis", "dpmpp2m", "
 DIFFLAB_SAMPLERS += [_pipeline_spec(name) for name in ("sde", "pc", "ancestral")]
 
 
+def _sample_default_spec() -> SamplerSpec:
+    """``difflab sample``'s default sampler (:func:`difflab.pipeline.run_default`: DEIS order 3, ρ = 7 grid capped
+    at σ̄ = 80)."""
+    from difflab.pipeline import run_default
+
+    return SamplerSpec("default (difflab sample)", "continuous", True, lambda d, x, n, g: run_default(d, x, n))
+
+
+DIFFLAB_SAMPLERS += [_sample_default_spec()]
+
+
 def denoiser_for(spec: SamplerSpec, bed, discrete_path):
     """The bed's exact denoiser on the path the sampler expects (the same schedule either way)."""
     if spec.path == "discrete":

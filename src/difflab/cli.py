@@ -220,6 +220,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 SAMPLE_EXAMPLES = """
 examples:
+  difflab sample runs/digits8 --steps 10 --num 100 --out digits.png      # the default sampler (calibrated if the run is)
   difflab sample runs/digits8 --sampler ddim --steps 50 --num 100 --out digits.png
   difflab sample runs/digits8 --sampler ddpm --steps 1000 --num 64 --class 3 --out threes.png
   difflab sample runs/moons --sampler ddim --steps 20 --eta 1 --num 5000 --out moons.npz
