@@ -47,8 +47,11 @@ did not fit the benchmark's budget on the shared two-core machine."""
 SEED = 1
 CALIBRATION_SEED = 0
 CALIBRATION_NUM = 256
-CALIBRATION_SECONDS = 150.0
+CALIBRATION_SECONDS = 100.0
 PREDICTION_TYPE = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+DIFFUSERS_ERRORS = (ValueError, IndexError, RuntimeError, TypeError, AssertionError, ZeroDivisionError)
+"""What a diffusers configuration may raise at some step counts (e.g. UniPC's ``assert self.this_order > 0``): the
+configuration is recorded as failing there, not the benchmark."""
 
 
 # --- the difflab side ------------------------------------------------------------------------------------------
@@ -216,7 +219,7 @@ def run_model(name: str, quick: bool, log) -> dict:
                 entry = {"config": cfg, "label": dz.describe(fam, cfg), "target_nfe": nfe}
                 try:
                     res = diffusers_run(fam, cfg, pipe, x_T, nfe, cond)
-                except (ValueError, IndexError, RuntimeError, TypeError) as err:
+                except DIFFUSERS_ERRORS as err:
                     res, entry["error"] = None, f"{type(err).__name__}: {err}".splitlines()[0][:200]
                 if res is not None:
                     entry.update(nfe=res[1], steps=res[2], rmse=cal.rmse_per_sample(res[0], ref.x))
@@ -231,7 +234,10 @@ def run_model(name: str, quick: bool, log) -> dict:
                 continue
             points = []
             for nfe in nfes:
-                res = diffusers_run(fam, b["config"], pipe, x_T, nfe, cond)
+                try:
+                    res = diffusers_run(fam, b["config"], pipe, x_T, nfe, cond)
+                except DIFFUSERS_ERRORS:
+                    res = None
                 if res is not None:
                     points.append({"target_nfe": nfe, "nfe": res[1], "steps": res[2],
                                    "rmse": cal.rmse_per_sample(res[0], ref.x), "fd": fd(res[0])})
@@ -269,15 +275,41 @@ def headline(out: dict) -> list:
     return rows
 
 
-def run(quick: bool = False, log=print) -> dict:
+def run(quick: bool = False, log=print, models=None) -> dict:
     import diffusers
 
     torch.set_num_threads(1)
     result = {"diffusers_version": diffusers.__version__, "nfe": list(QUICK_NFE if quick else NFE), "quick": quick,
               "command": "python -m benchmarks.run --only trained --out benchmarks/results", "models": {}}
-    for name in MODELS:
+    for name in models or MODELS:
         result["models"][name] = run_model(name, quick, log)
     return result
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.trained --model NAME --out DIR``: one model into ``DIR/trained-NAME.json`` (models can
+    run in parallel; :func:`write_markdown` merges ``trained.json`` and every ``trained-*.json``)."""
+    import argparse
+
+    from benchmarks.common import machine_info, write_json
+
+    parser = argparse.ArgumentParser(description="samplers on trained networks, one model")
+    parser.add_argument("--model", choices=list(MODELS), required=True)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    result = run(args.quick, lambda msg: print(msg, flush=True), models=[args.model])
+    result["command"] = f"python -m benchmarks.trained --model {args.model} --out {args.out}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / f"trained-{args.model}.json", {"machine": machine_info(), "quick": args.quick,
+                                                         "seconds": time.perf_counter() - start, "result": result})
+    write_markdown(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
 
 
 # --- the report ------------------------------------------------------------------------------------------------------
@@ -286,18 +318,18 @@ def write_markdown(out: Path) -> Optional[Path]:
     reference (FD in brackets), difflab and each diffusers family's best configuration side by side."""
     import json
 
-    source = Path(out) / "trained.json"
-    if not source.exists():
-        return None
-    record = json.loads(source.read_text())
-    result = record["result"]
-    if "models" not in result:
+    records = [json.loads(p.read_text()) for p in sorted(Path(out).glob("trained*.json"))]
+    records = [r for r in records if "models" in r.get("result", {})]
+    if not records:
         return None
     lines = ["# Samplers on trained networks", "",
-             f"Made by `{result['command']}` ({record['seconds']:.0f} s on the shared two-core machine; diffusers "
-             f"{result['diffusers_version']}). Every entry: RMSE per sample to the reference solve, and in brackets "
-             "the samples' FD to the data. Same network, same x_T for every row. See benchmarks/trained.py.", ""]
-    for name, m in result["models"].items():
+             "Every entry: RMSE per sample to the reference solve, and in brackets the samples' FD to the data. Same "
+             "network, same x_T for every row. See benchmarks/trained.py.", ""]
+    models = [(name, m, r) for r in records for name, m in r["result"]["models"].items()]
+    for name, m, record in models:
+        result = record["result"]
+        lines += [f"Made by `{result['command']}` ({record['seconds']:.0f} s on the shared two-core machine; diffusers "
+                  f"{result['diffusers_version']}).", ""]
         ref = m["reference"]
         nfes = result["nfe"]
         lines += [f"## {name}", "",
