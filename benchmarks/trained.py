@@ -328,11 +328,11 @@ def write_markdown(out: Path) -> Optional[Path]:
     models = [(name, m, r) for r in records for name, m in r["result"]["models"].items()]
     for name, m, record in models:
         result = record["result"]
-        lines += [f"Made by `{result['command']}` ({record['seconds']:.0f} s on the shared two-core machine; diffusers "
-                  f"{result['diffusers_version']}).", ""]
         ref = m["reference"]
         nfes = result["nfe"]
         lines += [f"## {name}", "",
+                  f"Made by `{result['command']}` ({record['seconds']:.0f} s on the shared two-core machine; diffusers "
+                  f"{result['diffusers_version']}).", "",
                   f"{m['num']} samples (x_T seed {m['seed']}), {m['schedule']} schedule, target `{m['target']}`. "
                   f"Reference: adaptive RK45 at rtol = atol = {ref['rtol']:g}, {ref['nfe']} NFE; its own RMSE to a "
                   f"solve at half the tolerance {ref['rmse_vs_half_tolerance']:.2g}; its {m['fd_name']} "
