@@ -31,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration batch, and held-out batch, size (default: 256)")
     p.add_argument("--seed", type=arguments.seed, default=0,
                    help="seed of the calibration batch; the held-out batch uses seed + 1 (default: 0)")
-    p.add_argument("--max-seconds", type=arguments.positive_float, default=240.0,
-                   help="wall-clock budget of the fit, after the reference solves (default: 240)")
+    p.add_argument("--max-seconds", type=arguments.positive_float, default=150.0,
+                   help="wall-clock budget of the fit, after the reference solves (default: 150)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", type=arguments.device, default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
