@@ -410,4 +410,7 @@ def write(out: Path) -> Path:
         lines += _machine({k: v for k, v in records.items() if v is not None})
     path = out / "README.md"
     path.write_text("\n".join(lines))
+    from benchmarks.trained import write_markdown
+
+    write_markdown(out)  # trained.md, from trained.json (samplers on trained networks)
     return path

@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.common import machine_info, write_json
 
-MODULES = ("accuracy", "exact_stochastic", "side_by_side", "overhead", "training", "interop")
+MODULES = ("accuracy", "exact_stochastic", "side_by_side", "overhead", "training", "interop", "trained")
 
 
 def main(argv=None) -> int:

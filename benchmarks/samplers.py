@@ -2,7 +2,7 @@
 
 A spec says which path its denoiser lives on (``"discrete"``: the DDPM chain's integer steps;
 ``"continuous"``: the same schedule in continuous time through
-:class:`difflab.paths.DiscreteTimeContinuation`, exact at every integer step), whether it is deterministic,
+:func:`difflab.paths.smooth_continuation`, a spline exact at every integer step), whether it is deterministic,
 and how to spend a budget of ``nfe`` network evaluations (``run(denoiser, x_T, nfe, generator) -> Samples``;
 the benchmarks report the NFE the sampler itself counted). Adding a sampler to every benchmark is adding
 one line to :data:`DIFFLAB_SAMPLERS`.
@@ -84,13 +84,24 @@ DIFFLAB_SAMPLERS += [_ode_spec(solver, grid) for solver in ("deis", "dpmpp2m", "
 DIFFLAB_SAMPLERS += [_pipeline_spec(name) for name in ("sde", "pc", "ancestral")]
 
 
+def _sample_default_spec() -> SamplerSpec:
+    """``difflab sample``'s default sampler (:func:`difflab.pipeline.run_default`: DEIS order 3, ρ = 7 grid capped
+    at σ̄ = 80)."""
+    from difflab.pipeline import run_default
+
+    return SamplerSpec("default (difflab sample)", "continuous", True, lambda d, x, n, g: run_default(d, x, n))
+
+
+DIFFLAB_SAMPLERS += [_sample_default_spec()]
+
+
 def denoiser_for(spec: SamplerSpec, bed, discrete_path):
     """The bed's exact denoiser on the path the sampler expects (the same schedule either way)."""
     if spec.path == "discrete":
         return bed.denoiser(discrete_path)
-    from difflab.paths import DiscreteTimeContinuation
+    from difflab.paths import smooth_continuation
 
-    return bed.denoiser(DiscreteTimeContinuation(discrete_path))
+    return bed.denoiser(smooth_continuation(discrete_path))
 
 
 def run_spec(spec: SamplerSpec, bed, discrete_path, x_T: torch.Tensor, nfe: int, generator=None) -> Samples:

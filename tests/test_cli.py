@@ -104,7 +104,7 @@ def test_train_then_sample_png_and_npz_then_refuse_to_overwrite(capsys, tmp_path
     assert code == 0, err
 
     # sampling errors are one line too
-    code, _, err = run_cli(capsys, "sample", run, "--num", 4, "--steps", 500, "--out", tmp_path / "x.png")
+    code, _, err = run_cli(capsys, "sample", run, "--sampler", "ddim", "--num", 4, "--steps", 500, "--out", tmp_path / "x.png")
     assert_one_line_error(code, err, "steps (500) cannot exceed")
     code, _, err = run_cli(capsys, "sample", run, "--num", 4, "--out", tmp_path / "x.jpg")
     assert_one_line_error(code, err, ".png or .npz")

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from difflab.paths import (ContinuousPath, DiscretePath, DiscreteTimeContinuation, EDMPath, LinearPath, SubVPPath,
-                           TrigPath, VEPath, VPCosinePath, VPPath)
+from difflab.paths import (ContinuousPath, DiscretePath, DiscreteTimeContinuation, EDMPath, LinearPath, SplineTimeContinuation,
+                           SubVPPath, TrigPath, VEPath, VPCosinePath, VPPath)
 from difflab.utils import randn
 
 PATHS = {
@@ -20,6 +20,7 @@ PATHS = {
     "trig": TrigPath(),
     "ddpm_continuation": DiscreteTimeContinuation(DiscretePath.from_schedule("linear", T=1000)),
     "cosine_continuation": DiscreteTimeContinuation(DiscretePath.from_schedule("cosine", T=100)),
+    "ddpm_spline": SplineTimeContinuation(DiscretePath.from_schedule("linear", T=1000)),
 }
 
 
@@ -155,11 +156,13 @@ def test_prior_logp_is_the_density_of_prior_sample(name, gen):
     torch.testing.assert_close(path.prior_logp(x), expected)
 
 
-@pytest.mark.parametrize("schedule,zero_terminal_snr", [("linear", False), ("cosine", False), ("linear", True)])
-def test_continuation_is_exact_at_integer_steps(schedule, zero_terminal_snr):
+@pytest.mark.parametrize("cls", [DiscreteTimeContinuation, SplineTimeContinuation])
+@pytest.mark.parametrize("schedule,zero_terminal_snr", [("linear", False), ("cosine", False), ("sigmoid", False),
+                                                        ("linear", True), ("cosine", True)])
+def test_continuation_is_exact_at_integer_steps(schedule, zero_terminal_snr, cls):
     """At t = k/T the continuation's a, s equal the discrete ᾱ table (to float64 rounding); network_time is k."""
     discrete = DiscretePath.from_schedule(schedule, T=200, zero_terminal_snr=zero_terminal_snr)
-    path = DiscreteTimeContinuation(discrete)
+    path = cls(discrete)
     k = torch.arange(0, 201)
     t = k.double() / 200
     torch.testing.assert_close(path.a(t), discrete.a(k), rtol=1e-12, atol=1e-15)

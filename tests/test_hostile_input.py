@@ -582,6 +582,47 @@ run_case("weights NaN (experiment)", _tensors(_nan_weights), "NaN", command="exp
 run_case("config huge model (eval)", _record(_set(("config", "model", "hidden"), 10**9)), "model.hidden", command="eval")
 
 
+
+# --- crafted calibration files (difflab calibrate's RUN/calibration.json, read by the default sampler) ----------
+def _calibration(content):
+    """Write ``RUN/calibration.json``: ``content`` as text if a str, else as JSON."""
+    def mutate(run: Path, folder: Path) -> None:
+        text = content if isinstance(content, str) else json.dumps(content)
+        (run / "calibration.json").write_text(text)
+    return mutate
+
+
+def _calibrated(grid, key: str = "2", **extra) -> dict:
+    entry = {"nfe": 2, "solver": "deis", "order": 3, "grid": grid, **extra}
+    return {"format": "difflab-calibration", "version": 1, "entries": {key: entry}}
+
+
+def _calibration_is_a_folder(run: Path, folder: Path) -> None:
+    (run / "calibration.json").mkdir()
+
+
+run_case("calibration not JSON", _calibration("{"), "calibration")
+run_case("calibration a list", _calibration([1, 2]), "difflab-calibration")
+run_case("calibration other format", _calibration({"format": "pickle", "version": 1, "entries": {}}), "difflab-calibration")
+run_case("calibration NaN in grid", _calibration('{"format": "difflab-calibration", "version": 1, "entries": {"2": '
+                                                '{"solver": "deis", "order": 3, "grid": [1.0, NaN, 0.0]}}}'), "NaN")
+run_case("calibration grid not decreasing", _calibration(_calibrated([1.0, 0.2, 0.5])), "decreasing")
+run_case("calibration grid below t_min", _calibration(_calibrated([1.0, 1e-9, 0.0])), "range")
+run_case("calibration grid not from t_max", _calibration(_calibrated([0.9, 0.5, 0.0])), "t_max")
+run_case("calibration grid wrong length", _calibration(_calibrated([1.0, 0.9, 0.5, 0.1, 0.0])), "3 times")
+run_case("calibration grid of strings", _calibration(_calibrated(["1.0", "0.5", "0.0"])), "not a number")
+run_case("calibration grid a mapping", _calibration(_calibrated({"a": 1})), "list")
+run_case("calibration grid 10**6 long", _calibration(_calibrated([1.0] * 10**6)), "")
+run_case("calibration budget 10**9", _calibration(_calibrated([1.0, 0.5, 0.0], key=str(10**9))), "budget")
+run_case("calibration budget not a number", _calibration(_calibrated([1.0, 0.5, 0.0], key="../x")), "budget")
+run_case("calibration other solver", _calibration({"format": "difflab-calibration", "version": 1, "entries": {
+    "2": {"solver": "rk45", "order": 3, "grid": [1.0, 0.5, 0.0]}}}), "default sampler")
+run_case("calibration 10**4 entries", _calibration({"format": "difflab-calibration", "version": 1,
+                                                    "entries": {str(k): {} for k in range(10**4)}}), "budgets")
+run_case("calibration oversized", _calibration(_calibrated([1.0, 0.5, 0.0], pad="x" * (2 << 20))), "bytes")
+run_case("calibration nested 100000 deep", _calibration("[" * 100000 + "]" * 100000), "calibration")
+run_case("calibration is a folder", _calibration_is_a_folder, "not a file")
+
 @case("nll: --data to crafted CIFAR batches", "plain data")
 def _(folder, runs):
     run = copy_run(runs["run"], folder / "run")

@@ -5,14 +5,16 @@ import torch
 
 from difflab import DiscretePath, LinearPath, NetworkDenoiser, TrigPath, VPPath
 from difflab.parameterization import TARGETS, Prediction, linear_form
-from difflab.paths import DiscreteTimeContinuation, EDMPath, VPCosinePath, shared_time
+from difflab.paths import DiscreteTimeContinuation, EDMPath, SplineTimeContinuation, VPCosinePath, shared_time
 from difflab.samplers.ancestral import ddpm_step
 from difflab.samplers.chain import time_tensor
 from difflab.samplers.ddim import ddim_step
 
 DISCRETE = DiscretePath.from_schedule("linear", T=1000)
 CONTINUOUS = [VPPath(), LinearPath(), TrigPath(), VPCosinePath(), EDMPath(), DiscreteTimeContinuation(DISCRETE),
-              DiscreteTimeContinuation(DiscretePath.from_schedule("linear", T=1000, zero_terminal_snr=True))]
+              DiscreteTimeContinuation(DiscretePath.from_schedule("linear", T=1000, zero_terminal_snr=True)),
+              SplineTimeContinuation(DISCRETE),
+              SplineTimeContinuation(DiscretePath.from_schedule("linear", T=1000, zero_terminal_snr=True))]
 B, D = 6, 3
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 from difflab.commands import evaluate, experiment
 from difflab.commands import demo, train_classifier
-from difflab.commands import autoencoder, nll, reflow
+from difflab.commands import autoencoder, calibrate, nll, reflow
 from difflab.commands import arguments
 from difflab.limits import MAX_CLASSES
 
@@ -81,7 +81,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'difflab train'")
     p.add_argument("--sampler", choices=list(RUN_SAMPLERS), default=None,
-                   help="sampler (default: ddim; ddgan, the only one, for a DDGAN run)")
+                   help="sampler (default: 'default', DEIS order 3 on a Karras ρ = 7 grid capped at σ̄ = 80, or the grid "
+                        "'difflab calibrate' fitted to this run for --steps; ddgan, the only one, for a DDGAN run)")
     p.add_argument("--steps", type=arguments.steps, default=None,
                    help="network evaluations per sample (default: 50; T for a DDGAN run, which takes no other)")
     p.add_argument("--num", type=arguments.count, default=64, help="number of samples (default: 64)")
@@ -180,6 +181,8 @@ def run_sample(args: argparse.Namespace) -> int:
         if args.label is not None or not hasattr(pipe.net, "label_of"):
             raise ValueError("--prompt needs a run trained with model.prompt: true, and no --class")
         args.label = pipe.net.label_of(args.prompt)
+    if args.sampler is None and not pipe.ddgan:
+        args.sampler = "default"  # the measured best sampler, on this run's calibrated grid if it has one
     args.sampler, args.steps = pipe.resolve_sampler(args.sampler, args.steps)
     image = len(pipe.output_shape) == 3
     if out.suffix == ".png" and not image and pipe.output_shape != (2,):
@@ -226,6 +229,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 SAMPLE_EXAMPLES = """
 examples:
+  difflab sample runs/digits8 --steps 10 --num 100 --out digits.png      # the default sampler (calibrated if the run is)
   difflab sample runs/digits8 --sampler ddim --steps 50 --num 100 --out digits.png
   difflab sample runs/digits8 --sampler ddpm --steps 1000 --num 64 --class 3 --out threes.png
   difflab sample runs/moons --sampler ddim --steps 20 --eta 1 --num 5000 --out moons.npz
@@ -257,6 +261,8 @@ COMMANDS: list[Command] = [
             autoencoder.add_train_arguments, autoencoder.run_train, autoencoder.TRAIN_EXAMPLES),
     Command("eval-autoencoder", "held-out reconstruction error, class accuracy and FD of an autoencoder",
             autoencoder.add_eval_arguments, autoencoder.run_eval, autoencoder.EVAL_EXAMPLES),
+    Command("calibrate", "fit the default sampler's time grid to a trained run against reference ODE solves",
+            calibrate.add_arguments, calibrate.run, calibrate.EXAMPLES),
 ]
 """The subcommands, in the order ``difflab --help`` lists them."""
 

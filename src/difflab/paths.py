@@ -658,3 +658,115 @@ class DiscreteTimeContinuation(ContinuousPath):
         if self.zero_terminal_snr:
             w = torch.where(k == self.T - 1, -torch.expm1(0.5 * (lam - table[self.T - 1])), w)
         return ((k + w.clamp(0.0, 1.0)) / self.T).to(torch.float64)
+
+
+class SplineTimeContinuation(DiscreteTimeContinuation):
+    """A discrete DDPM path in *smooth* continuous time ``t ∈ [0, 1]``, exact at every step ``k``: ``t = k/T``.
+
+    :class:`DiscreteTimeContinuation` interpolates ``λ`` linearly between steps, so ``λ̇`` jumps at each of the
+    ``T`` integer steps: a high-order or adaptive solver sees a kink wherever a stage straddles a step, and
+    ``rk45`` refines toward them without end as its tolerance tightens. Here ``L(u) = log ᾱ`` is a cubic
+    spline in the fractional step ``u = tT`` through the knots ``(k, log ᾱ_k)``, ``k = 0..T`` (``log ᾱ_0 = 0``;
+    scipy's not-a-knot ``CubicSpline``: ``L``, ``L'``, ``L''`` continuous), so ``a = e^{L/2}``,
+    ``s = √(1 − e^L)`` (SPEC §2's ``a_t = √ᾱ_t``, ``s_t = √(1−ᾱ_t)`` at integer steps) and
+
+        ``ȧ = ½ a T L'(u)``,  ``ṡ = −e^L T L'(u) / (2 s)``  (analytic; ``ṡ → ∞`` at the clean end ``t = 0``,
+        as on every smooth VP path; solvers never evaluate there, SPEC §6's final ``x̂0`` step).
+
+    If the spline is not strictly decreasing on some segment (an ``L`` with kinks, e.g. a clipped cosine
+    schedule), the monotone ``PchipInterpolator`` (``C¹``) is used instead, so ``λ`` stays invertible.
+    A zero-terminal-SNR schedule (``ᾱ_T = 0``, ``L_T = −∞``) keeps :class:`DiscreteTimeContinuation`'s last
+    segment rule (``1/σ̄`` linear in ``u``); the spline runs through ``k = 0..T−1``. The network's time input is
+    the same :meth:`network_time` (``u = tT``). All coefficients are float64.
+    """
+
+    def __init__(self, discrete_path: "DiscretePath"):
+        import numpy as np
+        from scipy.interpolate import CubicSpline, PchipInterpolator
+
+        super().__init__(discrete_path)
+        log_ab = torch.log(discrete_path.alpha_bar.to(torch.float64)).numpy()
+        last = self.T - 1 if self.zero_terminal_snr else self.T
+        knots = np.arange(last + 1, dtype=np.float64)
+        spline = CubicSpline(knots, log_ab[:last + 1], bc_type="not-a-knot")
+        self.monotone_fallback = not _strictly_decreasing(spline.c)
+        if self.monotone_fallback:
+            spline = PchipInterpolator(knots, log_ab[:last + 1])
+        self.kind = "pchip" if self.monotone_fallback else "cubic"
+        self._coef = torch.from_numpy(np.ascontiguousarray(spline.c[::-1].T)).to(torch.float64)  # (segments, 4): c0..c3
+        self._segments = last
+
+    def _log_alpha_bar(self, t):
+        """``(L, L')`` of the spline at ``t`` (``L'`` per unit ``u``), on spline segments only."""
+        u = (_f64(t) * self.T).clamp(0.0, float(self._segments))
+        k = u.floor().clamp(max=self._segments - 1)
+        w = u - k
+        c = self._coef.to(w.device)[k.long()]  # (..., 4)
+        L = c[..., 0] + w * (c[..., 1] + w * (c[..., 2] + w * c[..., 3]))
+        dL = c[..., 1] + w * (2.0 * c[..., 2] + w * 3.0 * c[..., 3])
+        return L.clamp(max=0.0), dL
+
+    def _on_last_segment(self, t):
+        return (_f64(t) * self.T > self.T - 1) if self.zero_terminal_snr else torch.zeros_like(_f64(t), dtype=torch.bool)
+
+    def log_snr(self, t):
+        L, _ = self._log_alpha_bar(t)
+        out = L - torch.log(-torch.expm1(L))
+        if self.zero_terminal_snr:
+            out = torch.where(self._on_last_segment(t), DiscreteTimeContinuation.log_snr(self, t), out)
+        return out
+
+    def a(self, t):
+        L, _ = self._log_alpha_bar(t)
+        out = torch.exp(0.5 * L)
+        if self.zero_terminal_snr:
+            out = torch.where(self._on_last_segment(t), DiscreteTimeContinuation.a(self, t), out)
+        return out
+
+    def s(self, t):
+        L, _ = self._log_alpha_bar(t)
+        out = torch.sqrt(-torch.expm1(L))
+        if self.zero_terminal_snr:
+            out = torch.where(self._on_last_segment(t), DiscreteTimeContinuation.s(self, t), out)
+        return out
+
+    def _derivatives(self, t):
+        """``(ȧ, ṡ) = (½ a T L', −e^L T L'/(2s))`` (class docstring); the zero-terminal-SNR last segment as in
+        :meth:`DiscreteTimeContinuation._derivatives`."""
+        L, dL = self._log_alpha_bar(t)
+        a, s = torch.exp(0.5 * L), torch.sqrt(-torch.expm1(L))
+        a_dot = 0.5 * a * self.T * dL
+        s_dot = -torch.exp(L) * self.T * dL / (2.0 * s)
+        if self.zero_terminal_snr:
+            last = self._on_last_segment(t)
+            a_last, s_last = DiscreteTimeContinuation._derivatives(self, t)
+            a_dot, s_dot = torch.where(last, a_last, a_dot), torch.where(last, s_last, s_dot)
+        return a_dot, s_dot
+
+    def t_from_log_snr(self, lam):
+        """The generic bisection of :meth:`ContinuousPath.t_from_log_snr` (λ is strictly decreasing in ``t``)."""
+        return ContinuousPath.t_from_log_snr(self, lam)
+
+
+def _strictly_decreasing(coef) -> bool:
+    """Whether a piecewise cubic (scipy's ``c``: ``(4, segments)``, highest power first, local variable
+    ``w ∈ [0, 1]``) has a negative derivative ``3c₀w² + 2c₁w + c₂`` on every segment (checked at both ends and
+    at the quadratic's stationary point where it lies inside)."""
+    import numpy as np
+
+    c3, c2, c1 = coef[0], coef[1], coef[2]
+    ends = np.maximum(c1, 3 * c3 + 2 * c2 + c1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(c3 != 0, -c2 / (3 * c3), -1.0)
+    inside = (w > 0) & (w < 1)
+    peak = np.where(inside, 3 * c3 * w**2 + 2 * c2 * w + c1, -np.inf)
+    return bool((np.maximum(ends, peak) < 0).all())
+
+
+def smooth_continuation(discrete_path: "DiscretePath") -> SplineTimeContinuation:
+    """The :class:`SplineTimeContinuation` of ``discrete_path`` (built once per path object and reused): the
+    continuous-time view every continuous sampler runs a DDPM-time model on (SPEC §6)."""
+    cached = discrete_path.__dict__.get("_smooth_continuation")
+    if cached is None:
+        cached = discrete_path.__dict__["_smooth_continuation"] = SplineTimeContinuation(discrete_path)
+    return cached

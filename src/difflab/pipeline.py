@@ -112,17 +112,18 @@ def run_ddpm(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bo
 def continuous_view(denoiser):
     """``denoiser`` on a continuous path: itself, or a DDPM-time model seen exactly in continuous time.
 
-    A network trained on discrete steps is re-wrapped on :class:`~difflab.paths.DiscreteTimeContinuation`
-    with ``network_time`` (the fractional DDPM step ``u = tT``) as its time input, so integer grid times give
-    exactly the discrete model. A wrapper with an inner ``.denoiser`` (guidance) is copied around the
+    A network trained on discrete steps is re-wrapped on :class:`~difflab.paths.SplineTimeContinuation` (a
+    cubic spline of ``log ᾱ`` through every integer step: smooth, so high-order and adaptive solvers reach their
+    order, and exact at integer steps) with ``network_time`` (the fractional DDPM step ``u = tT``) as its time
+    input, so integer grid times give exactly the discrete model. A wrapper with an inner ``.denoiser`` (guidance) is copied around the
     converted inner model; an exact test-bed model is rebuilt on the continuation.
     """
-    from difflab.paths import DiscreteTimeContinuation
+    from difflab.paths import smooth_continuation
 
     path = denoiser.path
     if not getattr(path, "discrete", False):
         return denoiser
-    cont = DiscreteTimeContinuation(path)
+    cont = smooth_continuation(path)
     if isinstance(denoiser, NetworkDenoiser):
         return NetworkDenoiser(denoiser.net, cont, denoiser.target, learned_variance=denoiser.learned_variance,
                                time_fn=cont.network_time)
@@ -194,6 +195,23 @@ def _ode_runner(solver: str) -> Callable[..., Samples]:
     return run
 
 
+def run_heun(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False, **cond) -> Samples:
+    """Heun's trapezoid within ``steps`` evaluations (SPEC §6). A model on a continuous path: Heun in its time
+    (:func:`~difflab.samplers.ode.sample_heun`, EDM's Algorithm 1) on :func:`solver_grid`. A DDPM-time model: the
+    exponential-integrator Heun (:func:`~difflab.samplers.ode.sample_heun_exp`, whose first stage is DDIM) on a grid
+    uniform in time, ``1 + (steps − 1) // 2`` steps. Measured on trained DDPM-time models
+    (benchmarks/results/trained.md): Heun in path time on a log-SNR grid is stiff near ``t_max`` of a cosine schedule
+    (``ȧ/a`` is huge there) and spends its steps at ``σ̄ ≫ 1``, which left it behind DDIM at 20 evaluations."""
+    from difflab.samplers.ode import sample_heun_exp
+    from difflab.samplers.time_grids import uniform_t
+
+    if not getattr(denoiser.path, "discrete", False):
+        return _ode_runner("heun")(denoiser, x, steps, generator=generator, progress=progress, **cond)
+    den = continuous_view(denoiser)
+    return sample_heun_exp(den, x, uniform_t(den.path, 1 + (steps - 1) // 2), generator=generator, progress=progress,
+                           **cond)
+
+
 def run_deis(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False,
              order: Optional[int] = None, **cond) -> Samples:
     """DEIS log-ρ Adams–Bashforth of ``order`` (SPEC §6) with ``steps`` evaluations on :func:`solver_grid`; the
@@ -245,6 +263,22 @@ def run_ancestral(denoiser, x: torch.Tensor, steps: int, generator=None, progres
 
     den = continuous_view(denoiser)
     return sample_ancestral(den, x, uniform_t(den.path, steps), generator=generator, progress=progress, **cond)
+
+
+def run_default(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False,
+                grid: Optional[torch.Tensor] = None, **cond) -> Samples:
+    """difflab's default sampler (:mod:`difflab.samplers.calibration`, SPEC §6): DEIS of order ``DEFAULT_ORDER`` with
+    ``steps`` evaluations on ``grid`` — a calibrated grid of the run (:meth:`Pipeline.sample` passes it when the run
+    has one for this budget, checked by :func:`~difflab.samplers.calibration.check_grid`) or else
+    :func:`~difflab.samplers.calibration.default_sampler_grid`; a DDPM-time model runs through :func:`continuous_view`."""
+    from difflab.samplers.calibration import check_grid, default_sampler_grid, sample_default
+
+    den = continuous_view(denoiser)
+    if grid is None:
+        grid = default_sampler_grid(den.path, steps)
+    else:
+        grid = check_grid([float(v) for v in grid], den.path, steps, "grid")
+    return sample_default(den, x, grid, generator=generator, progress=progress, **cond)
 
 
 MAX_OUTPUT_VALUES = 1 << 28
@@ -333,9 +367,9 @@ def run_ddgan(denoiser, x: torch.Tensor, steps: int, generator=None, progress: b
 DISCRETE_SAMPLERS = ("ddpm", "ddim", "ddgan")  # chains in the state's own dtype; every other sampler is a continuous-time solver
 SAMPLERS: dict[str, Callable[..., Samples]] = {
     "ddpm": run_ddpm, "ddim": run_ddim,
-    **{name: _ode_runner(name) for name in ("euler", "heun", "rk4", "dpmpp2m")},
+    **{name: _ode_runner(name) for name in ("euler", "rk4", "dpmpp2m")}, "heun": run_heun,
     "deis": run_deis, "rk45": run_rk45, "sde": run_sde, "pc": run_pc, "ancestral": run_ancestral,
-    "nested": run_nested,
+    "nested": run_nested, "default": run_default,
 }
 """Sampler name -> ``fn(denoiser, x_T, steps, generator=, progress=, **options, **cond) -> Samples``: the samplers of
 any denoiser (guidance wraps them all)."""
@@ -400,6 +434,7 @@ class Pipeline:
     device: torch.device
     decoder: Optional[Callable] = None
     """Latent runs (SPEC §5): ``z' -> images`` (:class:`~difflab.latent.LatentDecoder`), applied after any sampler."""
+    run_dir: Optional[Path] = None
 
     @property
     def path(self) -> GaussianPath:
@@ -503,12 +538,25 @@ class Pipeline:
             labels = torch.as_tensor(y, dtype=torch.long).expand(num).clone()
         if by_classifier and (labels < 0).any():
             raise ValueError("classifier guidance needs a class to guide towards, not -1 (unconditional)")
+        if sampler == "default" and "grid" not in options:
+            calibrated = self.calibrated_grids()
+            if steps in calibrated:
+                options["grid"] = calibrated[steps]
         generator = torch.Generator().manual_seed(int(seed))
         out = generate(denoiser, self.data_shape, num, sampler, steps, generator, labels,
                        batch_size, progress, self.device, **options)
         if decode and self.decoder is not None:
             out = Samples(self.decoder(out.x), out.nfe)
         return out
+
+    def calibrated_grids(self) -> dict:
+        """``{nfe: grid}`` of the default sampler fitted to this model by ``difflab calibrate``
+        (:func:`~difflab.samplers.calibration.read_calibration`; empty without a run directory or calibration)."""
+        from difflab.samplers.calibration import read_calibration
+
+        if self.run_dir is None:
+            return {}
+        return read_calibration(self.run_dir, continuous_view(self.denoiser).path)
 
 
 def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Union[str, int] = "latest") -> Pipeline:
@@ -551,4 +599,5 @@ def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Un
     else:
         denoiser = build_denoiser(cfg, net)
     return Pipeline(net=net, denoiser=denoiser, config=cfg, data_shape=data_shape,
-                    num_classes=num_classes, data_kind=data_kind, step=ckpt.step, device=device, decoder=decoder)
+                    num_classes=num_classes, data_kind=data_kind, step=ckpt.step, device=device, decoder=decoder,
+                    run_dir=Path(run_dir))
