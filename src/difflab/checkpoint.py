@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors.torch import load as safetensors_load
@@ -323,14 +323,25 @@ def read_verified(json_file: Path, fmt: str, kind: str, max_weight_bytes: Option
     return record, tensors
 
 
-def read_named_record(directory: Union[str, Path], record_name: str, fmt: str, kind: str, how: str,
-                      max_weight_bytes: Optional[int] = None) -> tuple:
-    """:func:`read_verified` of ``directory/record_name``; ``FileNotFoundError`` (saying ``how`` to write one) when
-    the directory has no such record."""
+def load_saved_module(directory: Union[str, Path], record_name: str, fmt: str, kind: str, how: str,
+                      build: "Callable[[dict], torch.nn.Module]") -> tuple:
+    """A module saved as ``directory/record_name`` + safetensors, read as untrusted input: the checked record
+    (:func:`read_record`); ``build(record)`` — which validates the sizes it reads from the record — run first on the
+    ``meta`` device to count the parameters (:func:`difflab.limits.build_within_limits`); the weights read within
+    that network's byte budget (:func:`read_verified`) and loaded by :func:`load_weights`. Returns
+    ``(record, module)``; ``FileNotFoundError`` (saying ``how`` to write one) when there is no record, and
+    :class:`CheckpointError` naming the file for anything wrong in it."""
     record_file = Path(directory) / record_name
     if not record_file.is_file():
         raise FileNotFoundError(f"no {kind} in {str(directory)!r} (missing {record_name}; {how})")
-    return read_verified(record_file, fmt, kind, max_weight_bytes=max_weight_bytes)
+    record = read_record(record_file, fmt, kind)
+    try:
+        net, nbytes = limits.build_within_limits(lambda: build(record), f"the {kind}")
+    except (limits.LimitError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{record_file}: {err}") from None
+    record, tensors = read_verified(record_file, fmt, kind, max_weight_bytes=limits.checkpoint_byte_budget(nbytes))
+    load_weights(net, tensors, record_file)
+    return record, net
 
 
 def read_json(path: Path) -> Any:

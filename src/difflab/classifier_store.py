@@ -24,10 +24,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from difflab.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_json, load_weights, read_record,
-                                read_verified)
-from difflab.limits import (MAX_CLASSES, MAX_DEPTH, MAX_WIDTH, LimitError, build_within_limits, check_data_shape,
-                            check_int, checkpoint_byte_budget)
+from difflab.checkpoint import atomic_write_bytes, atomic_write_json, load_saved_module
+from difflab.limits import MAX_CLASSES, MAX_DEPTH, MAX_WIDTH, LimitError, check_data_shape, check_int
 from difflab.config import DiffusionConfig, RunConfig
 from difflab.networks.classifier import NoisyClassifier
 from difflab.networks.embeddings import CONTINUOUS_TIME_SCALE, NULL_LABEL, check_labels
@@ -121,24 +119,18 @@ def load_classifier(cls_dir: Union[str, Path], device=None) -> TrainedClassifier
     Raises ``FileNotFoundError`` when there is none and :class:`~difflab.checkpoint.CheckpointError` when it
     is corrupt (the weights do not match the recorded hash) or of another format.
     """
-    cls_dir = Path(cls_dir)
-    record_file = cls_dir / RECORD_FILE
-    if not record_file.is_file():
-        raise FileNotFoundError(f"no classifier in {str(cls_dir)!r} (missing {RECORD_FILE}; "
-                                "write one with 'difflab train-classifier CONFIG --out CLS_DIR')")
-    record = read_record(record_file, FORMAT, "classifier")
-    meta = record["meta"]
-    try:
+    def build(record: dict) -> NoisyClassifier:
+        meta = record["meta"]
         shape = check_data_shape(meta.get("data_shape"), "meta")
         sizes = [check_int(f"meta.{k}", meta.get(k), 1, high) for k, high in
                  (("num_classes", MAX_CLASSES), ("width", MAX_WIDTH), ("depth", MAX_DEPTH), ("time_dim", MAX_WIDTH))]
         time_scale = meta.get("time_scale")
         if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) or not math.isfinite(time_scale):
             raise LimitError(f"meta.time_scale must be a finite number, got {time_scale!r:.40}")
-        net, nbytes = build_within_limits(lambda: NoisyClassifier(shape, *sizes, time_scale), "the classifier")
-    except (LimitError, ValueError) as err:
-        raise CheckpointError(f"{record_file}: {err}") from None
-    record, tensors = read_verified(record_file, FORMAT, "classifier", max_weight_bytes=checkpoint_byte_budget(nbytes))
-    load_weights(net, tensors, record_file)
+        return NoisyClassifier(shape, *sizes, time_scale)
+
+    cls_dir = Path(cls_dir)
+    record, net = load_saved_module(cls_dir, RECORD_FILE, FORMAT, "classifier",
+                                    "write one with 'difflab train-classifier CONFIG --out CLS_DIR'", build)
     net.to(default_device(device)).eval()
-    return TrainedClassifier(net, record["run_config"], meta, cls_dir)
+    return TrainedClassifier(net, record["run_config"], record["meta"], cls_dir)

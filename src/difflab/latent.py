@@ -35,9 +35,8 @@ from typing import Optional, Union
 
 import torch
 
-from difflab.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_json, load_weights, read_json,
-                                read_record, read_verified)
-from difflab.limits import LimitError, build_within_limits, check_data_shape, checkpoint_byte_budget
+from difflab.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_saved_module, read_json
+from difflab.limits import LimitError, check_data_shape
 from difflab.config import ConfigError, RunConfig
 from difflab.networks.autoencoder import KLAutoencoder
 from difflab.paths import ContinuousPath
@@ -129,25 +128,18 @@ def save_autoencoder(out_dir: Union[str, Path], net: KLAutoencoder, cfg: RunConf
 
 def load_autoencoder(ae_dir: Union[str, Path], device=None) -> TrainedAutoencoder:
     """Restore an autoencoder record (an autoencoder run, or a latent run's copy), checked against its hash."""
-    ae_dir = Path(ae_dir)
-    record_file = ae_dir / RECORD_FILE
-    if not record_file.is_file():
-        raise FileNotFoundError(f"no autoencoder in {str(ae_dir)!r} (missing {RECORD_FILE}; train one with "
-                                "'difflab train-autoencoder CONFIG --out AE_RUN')")
-    record = read_record(record_file, FORMAT, "autoencoder")
-    cfg = record["run_config"]
-    try:
+    def build(record: dict) -> KLAutoencoder:
         image_shape = check_data_shape(record["meta"].get("image_shape"), "meta.image_shape")
         scale = record["meta"].get("scale_factor", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < math.inf):
             raise LimitError(f"meta.scale_factor must be a positive finite number, got {scale!r:.40}")
-        net, nbytes = build_within_limits(lambda: build_autoencoder(cfg, image_shape), "the autoencoder")
-    except (LimitError, ValueError) as err:
-        raise CheckpointError(f"{record_file}: {err}") from None
-    record, tensors = read_verified(record_file, FORMAT, "autoencoder", max_weight_bytes=checkpoint_byte_budget(nbytes))
-    load_weights(net, tensors, record_file)
+        return build_autoencoder(record["run_config"], image_shape)
+
+    ae_dir = Path(ae_dir)
+    record, net = load_saved_module(ae_dir, RECORD_FILE, FORMAT, "autoencoder",
+                                    "train one with 'difflab train-autoencoder CONFIG --out AE_RUN'", build)
     net.to(default_device(device)).eval()
-    return TrainedAutoencoder(net, cfg, record["meta"], record["sha256"], ae_dir)
+    return TrainedAutoencoder(net, record["run_config"], record["meta"], record["sha256"], ae_dir)
 
 
 def load_latents(ae_dir: Union[str, Path]) -> dict:
