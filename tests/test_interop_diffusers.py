@@ -18,7 +18,7 @@ from difflab.guidance import ClassifierFreeGuidance  # noqa: E402
 from difflab.interop import DifflabScheduler, diffusers_denoiser  # noqa: E402
 from difflab.interop.diffusers_model import BedAsDiffusersModel, betas_from_config, path_from_config  # noqa: E402
 from difflab.likelihood import ode_log_likelihood  # noqa: E402
-from difflab.paths import DiscreteTimeContinuation  # noqa: E402
+from difflab.paths import smooth_continuation  # noqa: E402
 from difflab.pipeline import SAMPLERS, continuous_view  # noqa: E402
 from difflab.samplers.time_grids import uniform_t  # noqa: E402
 from difflab.testbeds import affine_pushforward  # noqa: E402
@@ -219,11 +219,11 @@ def test_stable_diffusion_cfg_with_difflab_scheduler(tiny_sd):
 # --- the ODE likelihood on a wrapped model -----------------------------------------------------------------------
 def test_ode_likelihood_of_wrapped_exact_model_is_the_beds():
     """ode_log_likelihood through the wrapper (diffusers timesteps, float32 time input) equals the one of the bed's
-    exact denoiser on the continuation, on the same grid."""
+    exact denoiser on the continuation ``continuous_view`` uses (the spline of log ᾱ), on the same grid."""
     bed = gaussian_bed(4, condition=10.0, seed=2)
     config = diffusers.DDPMScheduler().config
     path = path_from_config(config)
-    cont = DiscreteTimeContinuation(path)
+    cont = smooth_continuation(path)
     grid = uniform_t(cont, 40, clean_end=False)
     x = bed.sample(3, generator=torch.Generator().manual_seed(0))
     wrapped = ode_log_likelihood(continuous_view(diffusers_denoiser(BedAsDiffusersModel(bed, path), config)), x,

@@ -182,7 +182,8 @@ def diffusers_denoiser(model: nn.Module, config, context: Optional[torch.Tensor]
 class BedAsDiffusersModel:
     """A test bed's exact model in diffusers' calling convention (SPEC §8): ``model(x, τ, return_dict=False)`` returns
     ``(E[target | x],)`` at diffusers timestep ``τ``, i.e. at the DDPM step ``u = τ + 1`` of ``path`` (fractional ``u``
-    through :class:`~difflab.paths.DiscreteTimeContinuation`, where integer ``u`` is exactly the discrete path).
+    through :func:`~difflab.paths.smooth_continuation`, the continuous view every difflab solver runs a DDPM-time model
+    on, where integer ``u`` is exactly the discrete path).
 
     Driven by a diffusers pipeline loop or wrapped by :func:`diffusers_denoiser`, it is a model with no learning
     error, so the samples' exact KL (:func:`~difflab.testbeds.affine_pushforward`) isolates the sampler.
@@ -190,11 +191,11 @@ class BedAsDiffusersModel:
     """
 
     def __init__(self, bed, path: DiscretePath, prediction_type: str = "epsilon"):
-        from difflab.paths import DiscreteTimeContinuation
+        from difflab.paths import smooth_continuation
 
         if prediction_type not in PREDICTION_TARGETS:
             raise ValueError(f"unsupported prediction_type {prediction_type!r}; choose one of {tuple(PREDICTION_TARGETS)}")
-        self.bed, self.continuation = bed, DiscreteTimeContinuation(path)
+        self.bed, self.continuation = bed, smooth_continuation(path)
         self.target = PREDICTION_TARGETS[prediction_type]
         self.calls = 0
 
