@@ -297,8 +297,8 @@ def read_record(json_file: Path, fmt: str, kind: str) -> dict:
 def read_verified(json_file: Path, fmt: str, kind: str, max_weight_bytes: Optional[int] = None) -> tuple:
     """The checked record (:func:`read_record`) and its safetensors weights. Before the weights are read:
     their size must match the record's ``bytes`` and stay within ``max_weight_bytes``, and the safetensors
-    header must describe exactly the file (:func:`safetensors_header`); then the SHA-256 is compared,
-    read in chunks. Returns ``(record, tensors)``; raises :class:`CheckpointError` naming the file."""
+    header must describe exactly the file (:func:`safetensors_header`); then the file is read once, its
+    SHA-256 compared and its tensors parsed. Returns ``(record, tensors)``; raises :class:`CheckpointError` naming the file."""
     record = read_record(json_file, fmt, kind)
     weights_file = json_file.parent / record["weights"]
     if not weights_file.is_file():
@@ -310,14 +310,11 @@ def read_verified(json_file: Path, fmt: str, kind: str, max_weight_bytes: Option
         raise CheckpointError(f"{weights_file} has {size:,} bytes, more than this model's checkpoint can hold "
                               f"({max_weight_bytes:,})")
     safetensors_header(weights_file, size)
-    digest = hashlib.sha256()
-    with open(weights_file, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != record["sha256"]:
+    data = weights_file.read_bytes()  # read once: hashed, then parsed
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise CheckpointError(f"{weights_file} does not match the hash recorded in {json_file.name}")
     try:
-        tensors = safetensors_load(weights_file.read_bytes())
+        tensors = safetensors_load(data)
     except Exception as err:  # safetensors raises its own SafetensorError (not importable by a stable name)
         raise CheckpointError(f"{weights_file}: unreadable safetensors file ({type(err).__name__})") from None
     return record, tensors
@@ -388,7 +385,6 @@ def safetensors_header(weights_file: Path, size: int) -> dict:
 
 SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
                            "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-HASH_CHUNK_BYTES = 1 << 22
 MAX_POINTER_BYTES = 4096
 """``latest.json`` is one short line."""
 
