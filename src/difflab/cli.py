@@ -97,6 +97,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", type=arguments.device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (pays off for many samples; falls back with a warning)")
     g = p.add_argument_group("guidance (SPEC §7)")
     g.add_argument("--guidance-scale", type=arguments.finite_float, default=1.0, metavar="λ",
                    help="classifier-free guidance scale of a class-conditional model: 0 unconditional, "
@@ -176,7 +178,7 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError("--num and --steps must be >= 1")
     if args.classifier_scale is not None and args.classifier is None:
         raise ValueError("--classifier-scale needs --classifier CLS_DIR")
-    pipe = load_run(args.run_dir, ema=not args.no_ema, device=args.device)
+    pipe = load_run(args.run_dir, ema=not args.no_ema, device=args.device, compile=args.compile)
     if args.prompt is not None:
         if args.label is not None or not hasattr(pipe.net, "label_of"):
             raise ValueError("--prompt needs a run trained with model.prompt: true, and no --class")

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from difflab.compilation import maybe_compile
 from difflab.config import RunConfig, build_path
 from difflab.parameterization import NetworkDenoiser
 from difflab.paths import GaussianPath
@@ -559,9 +560,12 @@ class Pipeline:
         return read_calibration(self.run_dir, continuous_view(self.denoiser).path)
 
 
-def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Union[str, int] = "latest") -> Pipeline:
+def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Union[str, int] = "latest",
+             compile: bool = False) -> Pipeline:
     """Restore a trained run (the EMA weights unless ``ema=False``) for sampling, in eval mode; a latent run
     (SPEC §5) gets the decoder of its own copy of the autoencoder (:func:`difflab.latent.load_latent_decoder`).
+    ``compile=True`` runs the network through ``torch.compile`` (:mod:`difflab.compilation`; eager, with one
+    warning, where it is unavailable); ``Pipeline.net`` stays the uncompiled module.
 
     The run is read as untrusted data: its config and metadata are checked and the network's size counted
     (on the ``meta`` device) before the weights file is read, whose size must fit that network
@@ -592,12 +596,13 @@ def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Un
         from difflab.latent import load_latent_decoder
 
         decoder = load_latent_decoder(run_dir, meta["latent"], device)
+    forward = maybe_compile(net, compile, f"the network of {run_dir}")
     if is_ddgan(cfg):
         from difflab.ddgan import DDGANGenerator
 
-        denoiser = DDGANGenerator(net, build_path(cfg.diffusion), cfg.ddgan.nz)
+        denoiser = DDGANGenerator(forward, build_path(cfg.diffusion), cfg.ddgan.nz)
     else:
-        denoiser = build_denoiser(cfg, net)
+        denoiser = build_denoiser(cfg, forward)
     return Pipeline(net=net, denoiser=denoiser, config=cfg, data_shape=data_shape,
                     num_classes=num_classes, data_kind=data_kind, step=ckpt.step, device=device, decoder=decoder,
                     run_dir=Path(run_dir))

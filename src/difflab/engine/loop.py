@@ -56,6 +56,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from difflab.compilation import maybe_compile
 from difflab.checkpoint import Checkpoint, atomic_write_bytes, list_checkpoints, load_checkpoint, save_checkpoint
 from difflab.ema import EMA
 from difflab.engine.errors import TrainingError
@@ -286,7 +287,7 @@ class Engine:
         if self.dist.world > 1 and any(p.requires_grad for p in module.parameters()):
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
-        return torch.compile(module) if self.settings.compile else module
+        return maybe_compile(module, self.settings.compile)
 
     # --- the run ----------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False, overwrite: bool = False) -> FitResult:
