@@ -145,11 +145,11 @@ def fd_scorer(pipe) -> tuple[str, Callable[[torch.Tensor], float]]:
     return f"FD-{cfg.data.name}", lambda x: frechet_distance(net.embed(x.float()), real)
 
 
-def ensure_run(name: str, log) -> Path:
-    """``runs/bench/<name>``, trained with :data:`MODELS`'s config when it holds no checkpoint."""
+def ensure_run(name: str, log, run: Optional[Path] = None) -> Path:
+    """``run`` (default ``runs/bench/<name>``), trained with :data:`MODELS`'s config when it holds no checkpoint."""
     from difflab.cli import main
 
-    run = RUNS_DIR / name
+    run = RUNS_DIR / name if run is None else Path(run)
     if not (run / "checkpoints" / "latest.json").exists():
         config, overrides, _ = MODELS[name]
         log(f"  training {name} ({config})")
@@ -159,16 +159,18 @@ def ensure_run(name: str, log) -> Path:
     return run
 
 
-def run_model(name: str, quick: bool, log) -> dict:
+def run_model(name: str, quick: bool, log, run_dir: Optional[Path] = None, nfes: Optional[tuple] = None,
+              diffusers_too: bool = True) -> dict:
     from benchmarks import diffusers_bed as dz
     from difflab.pipeline import continuous_view, load_run
     from difflab.samplers import calibration as cal
 
     began = time.perf_counter()
-    pipe = load_run(ensure_run(name, log), device="cpu")
+    pipe = load_run(ensure_run(name, log, run_dir), device="cpu")
     den = continuous_view(pipe.denoiser)
     num = 64 if quick else MODELS[name][2]
-    nfes = QUICK_NFE if quick else NFE
+    nfes = nfes or (QUICK_NFE if quick else NFE)
+    headline_nfe = [n for n in HEADLINE_NFE if n in nfes]
     x_T, cond = cal.draw_batch(den.path, pipe.data_shape, num, SEED, pipe.num_classes)
     ref = cal.reference_solve(den, x_T, **cond)
     few = min(64, num)
@@ -183,7 +185,7 @@ def run_model(name: str, quick: bool, log) -> dict:
         f"DDIM difflab vs diffusers max |Δ| {out['ddim_equality_max_abs']:.2g}  [{time.perf_counter() - began:.0f}s]")
 
     calibrated, calibration = {}, {}
-    for nfe in HEADLINE_NFE:
+    for nfe in headline_nfe:
         entry = cal.calibrate(den, pipe.data_shape, nfe, num=64 if quick else CALIBRATION_NUM, seed=CALIBRATION_SEED,
                               heldout_seed=SEED, num_classes=pipe.num_classes,
                               max_seconds=20.0 if quick else CALIBRATION_SECONDS)
@@ -209,13 +211,13 @@ def run_model(name: str, quick: bool, log) -> dict:
     out["difflab"] = difflab
 
     families = {}
-    for fam in dz.FAMILIES:
+    for fam in dz.FAMILIES if diffusers_too else ():
         if not fam.deterministic:
             continue
         t0 = time.perf_counter()
         search = []
         for cfg in fam.configs(quick=True):
-            for nfe in HEADLINE_NFE:
+            for nfe in headline_nfe:
                 entry = {"config": cfg, "label": dz.describe(fam, cfg), "target_nfe": nfe}
                 try:
                     res = diffusers_run(fam, cfg, pipe, x_T, nfe, cond)
@@ -225,7 +227,7 @@ def run_model(name: str, quick: bool, log) -> dict:
                     entry.update(nfe=res[1], steps=res[2], rmse=cal.rmse_per_sample(res[0], ref.x))
                 search.append(entry)
         best = {}
-        for nfe in HEADLINE_NFE:
+        for nfe in headline_nfe:
             ok = [e for e in search if e["target_nfe"] == nfe and "rmse" in e and math.isfinite(e["rmse"])]
             best[str(nfe)] = min(ok, key=lambda e: e["rmse"]) if ok else None
         sweep = {}
@@ -275,14 +277,16 @@ def headline(out: dict) -> list:
     return rows
 
 
-def run(quick: bool = False, log=print, models=None) -> dict:
+def run(quick: bool = False, log=print, models=None, run_dir: Optional[Path] = None, nfes: Optional[tuple] = None,
+        diffusers_too: bool = True) -> dict:
     import diffusers
 
     torch.set_num_threads(1)
-    result = {"diffusers_version": diffusers.__version__, "nfe": list(QUICK_NFE if quick else NFE), "quick": quick,
+    nfes = tuple(nfes or (QUICK_NFE if quick else NFE))
+    result = {"diffusers_version": diffusers.__version__, "nfe": list(nfes), "quick": quick,
               "command": "python -m benchmarks.run --only trained --out benchmarks/results", "models": {}}
     for name in models or MODELS:
-        result["models"][name] = run_model(name, quick, log)
+        result["models"][name] = run_model(name, quick, log, run_dir, nfes, diffusers_too)
     return result
 
 
@@ -296,11 +300,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="samplers on trained networks, one model")
     parser.add_argument("--model", choices=list(MODELS), required=True)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="64 samples, NFE 10 and 20, short calibrations")
+    parser.add_argument("--run", type=Path, default=None,
+                        help=f"a trained run of the model's config to measure (default: {RUNS_DIR}/MODEL, trained "
+                             "here with MODELS' settings when it holds no checkpoint)")
+    parser.add_argument("--nfe", type=int, nargs="+", default=None, help=f"budgets to measure (default: {NFE})")
+    parser.add_argument("--no-diffusers", action="store_true", help="difflab's samplers only (a quick check)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    result = run(args.quick, lambda msg: print(msg, flush=True), models=[args.model])
-    result["command"] = f"python -m benchmarks.trained --model {args.model} --out {args.out}"
+    result = run(args.quick, lambda msg: print(msg, flush=True), models=[args.model], run_dir=args.run,
+                 nfes=args.nfe, diffusers_too=not args.no_diffusers)
+    result["command"] = " ".join(["python -m benchmarks.trained", f"--model {args.model}", f"--out {args.out}"]
+                                 + ([f"--run {args.run}"] if args.run else [])
+                                 + (["--nfe", *map(str, args.nfe)] if args.nfe else [])
+                                 + (["--quick"] if args.quick else []) + (["--no-diffusers"] if args.no_diffusers else []))
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / f"trained-{args.model}.json", {"machine": machine_info(), "quick": args.quick,
                                                          "seconds": time.perf_counter() - start, "result": result})

@@ -419,9 +419,10 @@ def log_rho_weights(log_nodes: Sequence[float], sigma: float, sigma_next: float)
 
 @torch.no_grad()
 def sample_deis(denoiser, x: torch.Tensor, timesteps, order: int = 3, from_pure_noise: bool = True,
-                generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None,
-                progress: bool = False, **cond) -> Samples:
-    """Multistep Adams–Bashforth on the PF-ODE in EDM coordinates: DEIS's log-ρ AB (Zhang & Chen 2023; SPEC §6).
+                corrector: bool = False, generator: Optional[torch.Generator] = None,
+                callback: Optional[Callable] = None, progress: bool = False, **cond) -> Samples:
+    """Multistep Adams–Bashforth on the PF-ODE in EDM coordinates: DEIS's log-ρ AB (Zhang & Chen 2023; SPEC §6),
+    optionally with a UniC-style Adams–Moulton corrector (Zhao et al. 2023) at no extra evaluation.
 
     With ``x̄ = x/a`` and ``σ̄ = s/a`` the PF-ODE is ``dx̄/dσ̄ = ε̂`` (SPEC §6 last bullet). Each step
     integrates the Lagrange polynomial through the last ``order`` values of ``ε̂``, interpolated in ``log σ̄``:
@@ -430,6 +431,14 @@ def sample_deis(denoiser, x: torch.Tensor, timesteps, order: int = 3, from_pure_
 
     with lower orders while the history is short. Only ``a`` and ``s`` at the grid times enter, so the
     result is the same on every path with the same ``σ̄`` grid. NFE = steps.
+
+    Corrector (``corrector=True``). The evaluation ``ε̂'`` at the predicted ``x̄'`` — which the next step needs
+    anyway — is added as a node and the same step is integrated again from ``x̄``, implicitly (Adams–Moulton):
+    ``x̄'_c = x̄ + Σ_j W^c_j ε̂_j`` over the predictor's nodes and ``(log σ̄', ε̂')``. The corrected ``x̄'_c``
+    carries on, while ``ε̂'`` (made at the predicted point) enters the history unchanged: the PEC scheme of
+    UniPC's UniC, which raises the order by one for no network evaluation. A step onto the clean end is
+    ``x̂0`` of the last evaluation, re-expressed at the corrected state, ``(x_c − s ε̂)/a``. The first step
+    from pure noise (an infinite interval in ``log σ̄``) is not corrected.
 
     First step (``from_pure_noise``): :meth:`~difflab.paths.GaussianPath.prior_sample` draws ``x`` from
     ``N(0, s_max² I)``, which is the marginal at ``λ = −∞`` of a VP path, not ``p_{t_max}`` (``a(t_max) > 0``
@@ -444,23 +453,34 @@ def sample_deis(denoiser, x: torch.Tensor, timesteps, order: int = 3, from_pure_
     path = flow.path
     x = x.to(state_dtype(x))
     history = []  # (log σ̄, ε̂) of the latest `order` evaluations
+    step_from = None  # (x̄, σ̄, σ̄', predictor's history) of the latest multistep step, for the corrector
     intervals = grid_intervals(timesteps, progress)
     flow.prepare(grid_times(intervals), derivatives=False)
     for i, (t, t_next) in intervals:
         pred = flow.predict(x, t)
         (a, s), (a_next, s_next) = path.coefficients_at(t), path.coefficients_at(t_next)
+        if step_from is not None:  # UniC: re-integrate the step that led here through the new node
+            x_bar, sigma_prev, sigma, nodes = step_from
+            nodes = nodes + [(math.log(sigma), pred.eps)]
+            weights = log_rho_weights([n for n, _ in nodes], sigma_prev, sigma)
+            for w, (_, eps) in zip(weights, nodes):
+                x_bar.add_(eps, alpha=w)
+            x = x_bar.mul_(a)
+            step_from = None
         if a > 0.0:
             history = (history + [(math.log(s / a), pred.eps)])[-order:]
         if s_next == 0.0:
-            x = pred.x0
+            x = pred.x0 if not corrector else (x - s * pred.eps) / a
         elif i == 0 and (from_pure_noise or a == 0.0):
             x = torch.add(a_next * pred.x0, x, alpha=s_next / s)
         else:
             weights = log_rho_weights([n for n, _ in history], s / a, s_next / a_next)
-            x = x / a
+            x_bar = x / a
+            if corrector:
+                step_from = (x_bar.clone(), s / a, s_next / a_next, list(history))
             for w, (_, eps) in zip(weights, history):
-                x.add_(eps, alpha=w)
-            x.mul_(a_next)
+                x_bar.add_(eps, alpha=w)
+            x = x_bar.mul_(a_next)
         report_step(callback, i, t, t_next, x, pred)
     return Samples(x.to(dtype), flow.nfe)
 
