@@ -81,10 +81,11 @@ def test_fit_grid_never_loses_to_the_default_and_round_trips(tmp_path):
     den = BED.denoiser(LINEAR)
     x_T, _ = cal.draw_batch(LINEAR, (BED.D,), 32, seed=0)
     ref = cal.reference_solve(den, x_T).x
-    default = cal.rmse_per_sample(cal.sample_default(den, x_T, cal.default_sampler_grid(LINEAR, 6)).x, ref)
+    default = cal.rmse_per_sample(cal.sample_calibrated(den, x_T, cal.default_sampler_grid(LINEAR, 6)).x, ref)
     grid, rmse = cal.fit_grid(den, x_T, ref, 6, max_seconds=3.0)
     assert rmse <= default
-    cal.write_calibration(tmp_path, {"nfe": 6, "solver": "deis", "order": cal.DEFAULT_ORDER, "grid": grid.tolist()})
+    cal.write_calibration(tmp_path, {"nfe": 6, "solver": "deis", "order": cal.DEFAULT_ORDER,
+                                     "corrector": cal.CALIBRATED_CORRECTOR, "grid": grid.tolist()})
     torch.testing.assert_close(cal.read_calibration(tmp_path, LINEAR)[6], grid, rtol=0, atol=0)
 
 
@@ -103,7 +104,8 @@ def test_calibrate_then_sample_uses_the_stored_grid(tmp_path, capsys):
     pipe = load_run(run, device="cpu")
     grid = pipe.calibrated_grids()[4]
     got = np.load(tmp_path / "s.npz")
-    calibrated = pipe.sample(16, sampler="default", steps=4, seed=3, progress=False, grid=grid).x.numpy()
+    calibrated = pipe.sample(16, sampler="default", steps=4, seed=3, progress=False, grid=grid,
+                             corrector=cal.CALIBRATED_CORRECTOR).x.numpy()
     default = pipe.sample(16, sampler="default", steps=4, seed=3, progress=False,
                           grid=cal.default_sampler_grid(continuous_view(pipe.denoiser).path, 4)).x.numpy()
     np.testing.assert_array_equal(got["x"], calibrated)

@@ -267,11 +267,13 @@ def run_ancestral(denoiser, x: torch.Tensor, steps: int, generator=None, progres
 
 
 def run_default(denoiser, x: torch.Tensor, steps: int, generator=None, progress: bool = False,
-                grid: Optional[torch.Tensor] = None, **cond) -> Samples:
+                grid: Optional[torch.Tensor] = None, corrector: bool = False, **cond) -> Samples:
     """difflab's default sampler (:mod:`difflab.samplers.calibration`, SPEC §6): DEIS of order ``DEFAULT_ORDER`` with
-    ``steps`` evaluations on ``grid`` — a calibrated grid of the run (:meth:`Pipeline.sample` passes it when the run
-    has one for this budget, checked by :func:`~difflab.samplers.calibration.check_grid`) or else
-    :func:`~difflab.samplers.calibration.default_sampler_grid`; a DDPM-time model runs through :func:`continuous_view`."""
+    ``steps`` evaluations on ``grid`` — a calibrated grid of the run (:meth:`Pipeline.sample` passes it, with
+    ``corrector = CALIBRATED_CORRECTOR``, when the run has one for this budget, checked by
+    :func:`~difflab.samplers.calibration.check_grid`) or else
+    :func:`~difflab.samplers.calibration.default_sampler_grid`; with UniC's corrector where ``corrector``; a DDPM-time
+    model runs through :func:`continuous_view`."""
     from difflab.samplers.calibration import check_grid, default_sampler_grid, sample_default
 
     den = continuous_view(denoiser)
@@ -279,7 +281,7 @@ def run_default(denoiser, x: torch.Tensor, steps: int, generator=None, progress:
         grid = default_sampler_grid(den.path, steps)
     else:
         grid = check_grid([float(v) for v in grid], den.path, steps, "grid")
-    return sample_default(den, x, grid, generator=generator, progress=progress, **cond)
+    return sample_default(den, x, grid, generator=generator, progress=progress, corrector=corrector, **cond)
 
 
 MAX_OUTPUT_VALUES = 1 << 28
@@ -542,7 +544,9 @@ class Pipeline:
         if sampler == "default" and "grid" not in options:
             calibrated = self.calibrated_grids()
             if steps in calibrated:
-                options["grid"] = calibrated[steps]
+                from difflab.samplers.calibration import CALIBRATED_CORRECTOR
+
+                options["grid"], options["corrector"] = calibrated[steps], CALIBRATED_CORRECTOR
         generator = torch.Generator().manual_seed(int(seed))
         out = generate(denoiser, self.data_shape, num, sampler, steps, generator, labels,
                        batch_size, progress, self.device, **options)

@@ -432,13 +432,18 @@ def sample_deis(denoiser, x: torch.Tensor, timesteps, order: int = 3, from_pure_
     with lower orders while the history is short. Only ``a`` and ``s`` at the grid times enter, so the
     result is the same on every path with the same ``σ̄`` grid. NFE = steps.
 
-    Corrector (``corrector=True``). The evaluation ``ε̂'`` at the predicted ``x̄'`` — which the next step needs
-    anyway — is added as a node and the same step is integrated again from ``x̄``, implicitly (Adams–Moulton):
-    ``x̄'_c = x̄ + Σ_j W^c_j ε̂_j`` over the predictor's nodes and ``(log σ̄', ε̂')``. The corrected ``x̄'_c``
-    carries on, while ``ε̂'`` (made at the predicted point) enters the history unchanged: the PEC scheme of
-    UniPC's UniC, which raises the order by one for no network evaluation. A step onto the clean end is
-    ``x̂0`` of the last evaluation, re-expressed at the corrected state, ``(x_c − s ε̂)/a``. The first step
-    from pure noise (an infinite interval in ``log σ̄``) is not corrected.
+    Corrector (``corrector=True``). The evaluation at the predicted ``x̄'_p`` — which the next step needs anyway —
+    is added as a node and the same step is integrated again from ``x̄`` (Adams–Moulton, on the predictor's nodes
+    and ``log σ̄'``): the PEC scheme of UniPC's UniC, which raises the order by one for no network evaluation. Two
+    things keep it from amplifying the predictor's error where ``ε̂`` is stiff (``∂ε̂/∂x̄ ≈ 1/σ̄`` across the
+    data, the last steps): the new node is taken implicitly with the data prediction ``x̂0'`` held at its
+    predicted value, ``ε̂' = (x̄' − x̂0')/σ̄'`` (``x̂0`` varies slowly in ``x``, at most as ``1/a``), so
+
+        x̄'_c = (x̄ + Σ_{j<n} W^c_j ε̂_j − (W^c_n/σ̄') x̂0') / (1 − W^c_n/σ̄'),
+
+    and the history carries ``ε̂' = (x̄'_c − x̂0')/σ̄'`` at the corrected state. Where ``x̂0`` does not depend on
+    ``x`` this is the implicit Adams–Moulton step solved exactly. The step onto the clean end returns ``x̂0'``
+    (module docstring); the first step from pure noise (an infinite interval in ``log σ̄``) is not corrected.
 
     First step (``from_pure_noise``): :meth:`~difflab.paths.GaussianPath.prior_sample` draws ``x`` from
     ``N(0, s_max² I)``, which is the marginal at ``λ = −∞`` of a VP path, not ``p_{t_max}`` (``a(t_max) > 0``
@@ -459,18 +464,21 @@ def sample_deis(denoiser, x: torch.Tensor, timesteps, order: int = 3, from_pure_
     for i, (t, t_next) in intervals:
         pred = flow.predict(x, t)
         (a, s), (a_next, s_next) = path.coefficients_at(t), path.coefficients_at(t_next)
-        if step_from is not None:  # UniC: re-integrate the step that led here through the new node
+        eps = pred.eps
+        if step_from is not None:  # UniC: re-integrate the step that led here through the new node, implicitly
             x_bar, sigma_prev, sigma, nodes = step_from
-            nodes = nodes + [(math.log(sigma), pred.eps)]
-            weights = log_rho_weights([n for n, _ in nodes], sigma_prev, sigma)
-            for w, (_, eps) in zip(weights, nodes):
-                x_bar.add_(eps, alpha=w)
-            x = x_bar.mul_(a)
+            weights = log_rho_weights([n for n, _ in nodes] + [math.log(sigma)], sigma_prev, sigma)
+            for w, (_, eps_j) in zip(weights, nodes):
+                x_bar.add_(eps_j, alpha=w)
+            implicit = weights[-1] / sigma
+            x_bar.add_(pred.x0, alpha=-implicit).div_(1.0 - implicit)
+            x = x_bar * a
+            eps = (x_bar - pred.x0) / sigma  # ε̂ at the corrected state, x̂0 held
             step_from = None
         if a > 0.0:
-            history = (history + [(math.log(s / a), pred.eps)])[-order:]
+            history = (history + [(math.log(s / a), eps)])[-order:]
         if s_next == 0.0:
-            x = pred.x0 if not corrector else (x - s * pred.eps) / a
+            x = pred.x0
         elif i == 0 and (from_pure_noise or a == 0.0):
             x = torch.add(a_next * pred.x0, x, alpha=s_next / s)
         else:
