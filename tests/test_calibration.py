@@ -110,3 +110,24 @@ def test_calibrate_then_sample_uses_the_stored_grid(tmp_path, capsys):
                           grid=cal.default_sampler_grid(continuous_view(pipe.denoiser).path, 4)).x.numpy()
     np.testing.assert_array_equal(got["x"], calibrated)
     assert int(got["nfe"]) == 4 and not np.array_equal(calibrated, default)
+
+
+def test_a_calibration_fitted_without_the_corrector_is_refused(tmp_path):
+    """A grid fitted for the earlier calibrated default (DEIS without the corrector; no ``corrector`` key) is refused
+    in one line that says to calibrate again, rather than run under a sampler it was not fitted for."""
+    grid = cal.default_sampler_grid(LINEAR, 6)
+    cal.write_calibration(tmp_path, {"nfe": 6, "solver": "deis", "order": cal.DEFAULT_ORDER, "grid": grid.tolist()})
+    with pytest.raises(cal.CalibrationError, match="difflab calibrate"):
+        cal.read_calibration(tmp_path, LINEAR)
+
+
+def test_the_calibrated_default_is_deis_with_the_corrector():
+    """``sample_calibrated`` is ``sample_deis(order=DEFAULT_ORDER, corrector=True)`` on the grid it is given, and the
+    uncalibrated default is the same DEIS without the corrector (SPEC §6)."""
+    den = BED.denoiser(LINEAR)
+    x = torch.randn(8, BED.D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grid = cal.default_sampler_grid(LINEAR, 8)
+    torch.testing.assert_close(cal.sample_calibrated(den, x, grid).x,
+                               ode.sample_deis(den, x, grid, order=cal.DEFAULT_ORDER, corrector=True).x, rtol=0, atol=0)
+    torch.testing.assert_close(cal.sample_default(den, x, grid).x,
+                               ode.sample_deis(den, x, grid, order=cal.DEFAULT_ORDER).x, rtol=0, atol=0)

@@ -593,7 +593,7 @@ def _calibration(content):
 
 
 def _calibrated(grid, key: str = "2", **extra) -> dict:
-    entry = {"nfe": 2, "solver": "deis", "order": 3, "grid": grid, **extra}
+    entry = {"nfe": 2, "solver": "deis", "order": 3, "corrector": True, "grid": grid, **extra}
     return {"format": "difflab-calibration", "version": 1, "entries": {key: entry}}
 
 
@@ -617,6 +617,10 @@ run_case("calibration budget 10**9", _calibration(_calibrated([1.0, 0.5, 0.0], k
 run_case("calibration budget not a number", _calibration(_calibrated([1.0, 0.5, 0.0], key="../x")), "budget")
 run_case("calibration other solver", _calibration({"format": "difflab-calibration", "version": 1, "entries": {
     "2": {"solver": "rk45", "order": 3, "grid": [1.0, 0.5, 0.0]}}}), "default sampler")
+run_case("calibration fitted without the corrector", _calibration(_calibrated([1.0, 0.5, 0.0], corrector=False)),
+         "difflab calibrate")
+run_case("calibration corrector not a bool", _calibration(_calibrated([1.0, 0.5, 0.0], corrector="yes")),
+         "difflab calibrate")
 run_case("calibration 10**4 entries", _calibration({"format": "difflab-calibration", "version": 1,
                                                     "entries": {str(k): {} for k in range(10**4)}}), "budgets")
 run_case("calibration oversized", _calibration(_calibrated([1.0, 0.5, 0.0], pad="x" * (2 << 20))), "bytes")

@@ -1,7 +1,7 @@
 """difflab's samplers behind diffusers' scheduler protocol (SPEC §5, §6), so a diffusers pipeline switches with::
 
     from difflab.interop import DifflabScheduler
-    pipe.scheduler = DifflabScheduler.from_config(pipe.scheduler.config)          # DEIS on difflab's grid
+    pipe.scheduler = DifflabScheduler.from_config(pipe.scheduler.config)          # difflab's default sampler
     pipe.scheduler = DifflabScheduler.from_config(pipe.scheduler.config, solver="dpmpp2m")
 
 How it works. ``step`` does not re-implement a solver: :meth:`DifflabScheduler.set_timesteps` fixes the budget, and
@@ -56,10 +56,12 @@ from difflab.samplers.ode import precise_dtype
 SOLVERS = tuple(name for name in SAMPLERS if name != "rk45")
 """The samplers a scheduler can run: every fixed-grid sampler of :data:`difflab.pipeline.SAMPLERS`."""
 
-DEFAULT_SOLVER = "deis"
-"""difflab's default sampler: DEIS (order ``time_grids.DEIS_ORDER``) on the grids optimised per NFE (``time_grids.default_grid``), the most accurate on the
-exact Gaussian beds. Measured on a trained diffusers UNet (``benchmarks/interop.py``), ``"dpmpp2m"`` is the more
-accurate choice there (README, "Using difflab with diffusers")."""
+DEFAULT_SOLVER = "default"
+"""difflab's default sampler, the one ``difflab sample`` runs without ``--sampler``
+(:mod:`difflab.samplers.calibration`): DEIS of order 3 on EDM's ρ = 7 grid capped at σ̄ = 80. A scheduler has no
+run directory, so no calibration applies. ``"deis"`` is the earlier default (order 4 on grids fit to 1-D
+Gaussians); on a trained diffusers UNet ``"dpmpp2m"`` measured more accurate than it (README, "Using difflab with
+diffusers")."""
 
 
 class DifflabScheduler(SchedulerMixin, ConfigMixin):

@@ -61,6 +61,16 @@ MAX_ENTRIES = 64
 
 
 # --- the default sampler ------------------------------------------------------------------------------------
+def capped_grid(path, nfe: int, cap: float) -> torch.Tensor:
+    """:func:`default_sampler_grid`'s family: Karras ρ = 7 knots in ``[σ̄(t_min), min(σ̄(t_max), cap)]``, a head step
+    from ``t_max`` where the path starts above ``cap``, and the clean step; ``nfe ≥ 4``."""
+    from difflab.samplers import time_grids
+
+    lo, hi = time_grids.noise_range(path)
+    return time_grids.sigma_grid(path, nfe, lambda a, b, n: time_grids.karras_sigmas(a, b, n, KARRAS_RHO),
+                                 sigma_max=min(hi, max(cap, 2 * lo)))
+
+
 def default_sampler_grid(path, nfe: int) -> torch.Tensor:
     """``[t_max, (head), t(σ̄_1), …, t(σ̄_min), clean end]`` with ``nfe`` steps: Karras ρ = 7 knots in
     ``[σ̄(t_min), min(σ̄(t_max), SIGMA_CAP)]`` (module docstring); :func:`~difflab.samplers.time_grids.uniform_t`
@@ -113,14 +123,26 @@ class _OutOfTime(Exception):
     pass
 
 
+VALIDATION_FRACTION = 0.25
+"""The share of the calibration batch :func:`fit_grid` holds back to choose among the fit's iterates (early stopping)."""
+
+
 def fit_grid(denoiser, x_T: torch.Tensor, reference: torch.Tensor, nfe: int, max_seconds: float = 240.0,
              min_gap: float = 0.05, log: Optional[Callable[[str], None]] = None, **cond) -> tuple[torch.Tensor, float]:
-    """The grid of ``nfe`` steps minimising :func:`rmse_per_sample` of :func:`sample_calibrated` to ``reference``.
+    """A grid of ``nfe`` steps for :func:`sample_calibrated`, fitted to minimise :func:`rmse_per_sample` to
+    ``reference`` and chosen on a validation share of the batch.
 
-    Starts from :func:`default_sampler_grid`; its ``nfe − 1`` noise levels are parameterised as partial sums of
-    ``nfe`` gaps of ``log σ̄`` between ``σ̄(t_min)`` and ``σ̄(t_max)`` (each gap at least ``min_gap/nfe`` of
-    the range) and fitted by L-BFGS-B within ``max_seconds`` (the best grid seen is kept). Returns
-    ``(grid, rmse)``; the grid is never worse on this batch than the default one.
+    The last :data:`VALIDATION_FRACTION` of the batch is not fitted to: every candidate grid runs on the whole batch
+    (one sampler call), the optimiser sees the RMSE on the first part, and the grid kept is the one with the least
+    RMSE on the validation part (early stopping; with 19 free noise levels the fit otherwise follows the batch's
+    heavy-tailed samples). Two stages. First the cap of :func:`default_sampler_grid`'s family (:func:`capped_grid`)
+    is searched over :func:`cap_candidates`: where the first step, the exact step from pure noise with the model's
+    ``x̂0`` held, may land depends on the data's scale (its error grows as ``(σ_data/σ̄_1)²``), which the model
+    knows and a fixed cap cannot (Align-Your-Steps' point: the schedule belongs to the model). Then, from the best
+    of those grids, its ``nfe − 1`` noise levels are parameterised as partial sums of ``nfe`` gaps of ``log σ̄``
+    between ``σ̄(t_min)`` and ``σ̄(t_max)`` (each gap at least ``min_gap/nfe`` of the range) and fitted by
+    L-BFGS-B within ``max_seconds``. Returns ``(grid, rmse on the whole batch)``; the grid is never worse on the
+    validation part than the default one.
     """
     import numpy as np
     from scipy.optimize import minimize
@@ -134,11 +156,32 @@ def fit_grid(denoiser, x_T: torch.Tensor, reference: torch.Tensor, nfe: int, max
     log_lo, log_hi = math.log(lo) - 1e-9, math.log(hi)
     head = torch.tensor([float(path.t_max)], dtype=torch.float64)
     tail = torch.tensor([path.clean_time()], dtype=torch.float64)
-    start = default_sampler_grid(path, nfe)
-    best = {"rmse": rmse_per_sample(sample_calibrated(denoiser, x_T, start, **cond).x, reference), "grid": start}
+    n_fit = x_T.shape[0] - int(VALIDATION_FRACTION * x_T.shape[0]) if x_T.shape[0] >= 4 else x_T.shape[0]
+    best = {"validation": math.inf, "grid": None, "rmse": math.inf}
+
+    def score(grid) -> float:
+        """RMSE on the fitted part; records the grid if it is the best on the validation part so far."""
+        x = sample_calibrated(denoiser, x_T, grid, **cond).x
+        fit = rmse_per_sample(x[:n_fit], reference[:n_fit])
+        held = rmse_per_sample(x[n_fit:], reference[n_fit:]) if n_fit < x.shape[0] else fit
+        if math.isfinite(fit) and math.isfinite(held) and held < best["validation"]:
+            best.update(validation=held, grid=grid, rmse=rmse_per_sample(x, reference))
+        return fit
+
+    score(default_sampler_grid(path, nfe))
+    start, start_fit = default_sampler_grid(path, nfe), math.inf
+    for cap in cap_candidates(lo, hi):  # stage 1: the family's one parameter, the head step's landing σ̄
+        grid = capped_grid(path, nfe, cap)
+        fit = score(grid)
+        if math.isfinite(fit) and fit < start_fit:
+            start, start_fit = grid, fit
+    if log is not None:
+        log(f"  RMSE {start_fit:.5f} on the best capped grid, head step to σ̄ = "
+            f"{float(path.sigma_bar(start[1:2])):.3g}")
     knots0 = path.sigma_bar(start[1:-1]).clamp(min=lo, max=hi * (1 - 1e-9))
     theta0 = time_grids._params_from_knots(np.log(knots0.numpy()), log_hi, log_lo, min_gap)
     began = time.perf_counter()
+    penalty = math.log(start_fit) + 10.0 if math.isfinite(start_fit) else 10.0
 
     def grid_of(theta) -> torch.Tensor:
         log_sigma = time_grids._knots_from_params(np.asarray(theta), nfe - 1, log_hi, log_lo, min_gap)
@@ -150,14 +193,13 @@ def fit_grid(denoiser, x_T: torch.Tensor, reference: torch.Tensor, nfe: int, max
             raise _OutOfTime
         grid = grid_of(theta)
         if not bool((grid[:-1] > grid[1:]).all()):
-            return math.log(best["rmse"]) + 10.0
-        err = rmse_per_sample(sample_calibrated(denoiser, x_T, grid, **cond).x, reference)
+            return penalty
+        before = best["validation"]
+        err = score(grid)
         if not math.isfinite(err):
-            return math.log(best["rmse"]) + 10.0
-        if err < best["rmse"]:
-            best.update(rmse=err, grid=grid)
-            if log is not None:
-                log(f"  RMSE {err:.5f}  [{time.perf_counter() - began:.0f}s]")
+            return penalty
+        if log is not None and best["validation"] < before:
+            log(f"  RMSE {err:.5f} fitted, {best['validation']:.5f} validation  [{time.perf_counter() - began:.0f}s]")
         return math.log(err)
 
     try:
@@ -165,6 +207,12 @@ def fit_grid(denoiser, x_T: torch.Tensor, reference: torch.Tensor, nfe: int, max
     except _OutOfTime:
         pass
     return best["grid"], best["rmse"]
+
+
+def cap_candidates(lo: float, hi: float) -> list:
+    """The caps :func:`fit_grid` tries: ``σ̄ = 2^k`` from 1 up to the path's ``σ̄(t_max)`` (one octave apart: at most
+    ~15 sampler runs), above the least noise ``lo``."""
+    return [2.0 ** k for k in range(0, 64) if 4 * lo < 2.0 ** k < hi]
 
 
 def draw_batch(path, shape, num: int, seed: int, num_classes: int = 0) -> tuple[torch.Tensor, dict]:
@@ -283,10 +331,10 @@ def read_calibration(run_dir: Union[str, Path], path) -> dict:
             raise CalibrationError(f"{source}: budget {key[:20]!r} is not an integer in 1..{MAX_CALIBRATED_NFE}")
         if not isinstance(entry, dict) or entry.get("solver") != "deis" or entry.get("order") != DEFAULT_ORDER:
             raise CalibrationError(f"{source}: entry {key} is not a calibration of the default sampler")
+        grids[int(key)] = check_grid(entry.get("grid"), path, int(key), f"{source} (entry {key})")
         if entry.get("corrector") is not CALIBRATED_CORRECTOR:
             raise CalibrationError(f"{source}: entry {key} was fitted for an earlier default sampler (without "
                                    f"the corrector); run 'difflab calibrate' again")
-        grids[int(key)] = check_grid(entry.get("grid"), path, int(key), f"{source} (entry {key})")
     return grids
 
 
