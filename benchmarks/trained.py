@@ -350,7 +350,9 @@ def write_markdown(out: Path) -> Optional[Path]:
         nfes = result["nfe"]
         lines += [f"## {name}", "",
                   f"Made by `{result['command']}` ({record['seconds']:.0f} s on the shared two-core machine; diffusers "
-                  f"{result['diffusers_version']}).", "",
+                  f"{result['diffusers_version']})."
+                  + (f" The run was trained with the full config: `difflab train {MODELS[name][0]} --out RUN --set "
+                     f"train.num_threads=1`." if " --run " in result["command"] else ""), "",
                   f"{m['num']} samples (x_T seed {m['seed']}), {m['schedule']} schedule, target `{m['target']}`. "
                   f"Reference: adaptive RK45 at rtol = atol = {ref['rtol']:g}, {ref['nfe']} NFE; its own RMSE to a "
                   f"solve at half the tolerance {ref['rmse_vs_half_tolerance']:.2g}; its {m['fd_name']} "

@@ -1,9 +1,11 @@
 """``difflab calibrate RUN_DIR --nfe N``: fit the default sampler's time grid to one trained model (SPEC §6).
 
 For a calibration batch of ``--num`` prior draws the probability-flow ODE is solved tightly (adaptive
-Dormand–Prince), and the ``N − 1`` noise levels of the default sampler's grid are fitted to minimise the RMSE per
-sample of its output to those reference solves (:func:`difflab.samplers.calibration.calibrate`); a held-out batch
-of as many draws (another seed) scores the fit. The grid is stored in ``RUN_DIR/calibration.json`` (one entry per
+Dormand–Prince), and the ``N − 1`` noise levels of the grid of the calibrated default sampler (DEIS-3 with UniC's
+corrector) are fitted to minimise the RMSE per sample of its output to those reference solves — first the cap of the
+default grid's family, then every noise level, keeping the grid best on a quarter of the batch held back from the
+fit (:func:`difflab.samplers.calibration.calibrate`); a held-out batch of as many draws (another seed) scores the
+fit. The grid is stored in ``RUN_DIR/calibration.json`` (one entry per
 budget, written atomically), and ``difflab sample RUN_DIR --steps N`` (default sampler) then uses it.
 """
 

@@ -16,9 +16,11 @@ grid of the *calibrated* default, the same DEIS with UniC's corrector (``sample_
 al. 2023: each step re-integrated through the next evaluation, at no extra evaluation; :data:`CALIBRATED_CORRECTOR`),
 to one trained model: it draws a calibration batch ``x_T``, solves the probability-flow ODE tightly for it
 (adaptive Dormand–Prince, :data:`REFERENCE_RTOL`; the reference's own error is measured by re-solving at half the
-tolerance), and minimises the log of the RMSE per sample (:func:`rmse_per_sample`) of the default sampler's output
-to the reference over the knots (L-BFGS-B with finite-difference gradients, the parameterisation of
-:func:`~difflab.samplers.time_grids.optimize_sigmas`, from the default grid, within a wall-clock budget). A
+tolerance), and minimises the log of the RMSE per sample (:func:`rmse_per_sample`) of the calibrated sampler's
+output to the reference (:func:`fit_grid`): first over the cap of the default grid's family (where the first step,
+from pure noise, lands: it depends on the data's scale, which the model knows), then over the knots (L-BFGS-B with
+finite-difference gradients, the parameterisation of :func:`~difflab.samplers.time_grids.optimize_sigmas`, within a
+wall-clock budget), keeping the grid best on a quarter of the batch held back from the fit (early stopping). A
 held-out noise batch scores the fitted grid on noise it was not fit to. The result is stored in the run directory
 (:data:`CALIBRATION_FILE`, written atomically) and :func:`read_calibration` validates it as untrusted input.
 """
