@@ -77,6 +77,44 @@ def diffusion_stage(out: Path, name: str, config: str, overrides: list, num: int
             "run_dir": str(run_dir)}
 
 
+def existing_pixel_stage(out: Path, run_dir: Path, num: int, sample_steps: int) -> dict:
+    """The pixel model from a run already trained with ``configs/mnist5k.yaml`` (``--pixel-run``): its training wall
+    time is the engine's own ``elapsed`` (metrics.jsonl, last record), then scored exactly as :func:`diffusion_stage`."""
+    from difflab.evaluation import evaluate_run
+    from difflab.pipeline import load_run
+    from difflab.plotting import save_image_grid
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    elapsed = [r["elapsed"] for r in records if "elapsed" in r]
+    pipe = load_run(run_dir)
+    result = evaluate_run(run_dir, num_samples=num, steps=sample_steps, seed=0)
+    save_image_grid(pipe.sample(100, steps=sample_steps, progress=False).x, out / "pixel_mnist5k_samples.png", nrow=10)
+    return {"train_seconds": elapsed[-1], "steps": pipe.step, "configured_steps": pipe.config.train.steps,
+            "full_budget_seconds_estimate": elapsed[-1] / pipe.step * pipe.config.train.steps,
+            "sample_seconds": result["run"]["sample_seconds"], "num_samples": num, "nfe": result["run"]["nfe"],
+            "metrics": {k: {"value": v["value"], "noise_floor": v.get("noise_floor")} for k, v in result["metrics"].items()},
+            "reference_accuracy": result["metrics"].get("class_accuracy", {}).get("reference_accuracy"),
+            "run_dir": str(run_dir), "trained_elsewhere": True}
+
+
+def within_noise(lat: dict, pix: dict) -> list:
+    """Latent vs pixel per metric: FD-like (lower is better) is within noise when ``latent ≤ pixel + floor`` (the
+    real-vs-real value at the same n); a fraction (higher is better) when ``latent ≥ pixel − 2·SE``, SE the binomial
+    standard error of the pixel model's value at its n."""
+    rows = []
+    for name, e in lat["metrics"].items():
+        p = pix["metrics"].get(name)
+        if p is None or e["value"] is None or p["value"] is None:
+            continue
+        if name.startswith(("FD", "KID")):
+            floor = abs(p["noise_floor"] or 0.0)
+            rows.append((name, e["value"], p["value"], f"≤ pixel + {floor:.3g}", e["value"] <= p["value"] + floor))
+        elif name in ("class_accuracy", "precision", "recall"):
+            se = (max(p["value"] * (1 - p["value"]), 0.0) / pix["num_samples"]) ** 0.5
+            rows.append((name, e["value"], p["value"], f"≥ pixel − {2 * se:.3f} (2 SE)", e["value"] >= p["value"] - 2 * se))
+    return rows
+
+
 def pairs_stage(out: Path, threads: list, ae_steps: int, ldm_steps: int, num: int, sample_steps: int,
                 scale: float = 3.0) -> dict:
     """The two-digit canvas: an autoencoder and a prompt LDM (configs/ldm_mnist_pairs.yaml) on ``mnist_pairs``; then
@@ -162,6 +200,11 @@ def report(res: dict) -> str:
                 "sampling wall time, s": lambda r: f"{r['sample_seconds']:.1f} ({r['num_samples']} samples, {r['nfe']} NFE)"}
         for label, fn in rows.items():
             lines.append(f"| {label} | " + " | ".join(fn(r) for _, r in models) + " |")
+        if "latent" in res and "pixel" in res:
+            lines += ["", "Within the pixel model's noise:", "", "| metric | latent | pixel | criterion | within |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {n} | {a:.4g} | {b:.4g} | {c} | {'yes' if ok else 'no'} |"
+                      for n, a, b, c, ok in within_noise(res["latent"], res["pixel"])]
         if "latent" in res and "pixel" in res and ae:
             lat, pix = res["latent"], res["pixel"]
             total = ae["train_seconds"] + lat["full_budget_seconds_estimate"]
@@ -195,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--ae-steps", type=int, default=0, help="autoencoder steps (0: the config's)")
     p.add_argument("--ldm-steps", type=int, default=0, help="latent model steps (0: the config's)")
     p.add_argument("--pixel-steps", type=int, default=0, help="pixel model steps (0: the config's; -1: skip it)")
+    p.add_argument("--pixel-run", type=Path, default=None,
+                   help="score this run (trained with configs/mnist5k.yaml) as the pixel model instead of training one")
     p.add_argument("--num", type=int, default=1000, help="samples per model for the metrics")
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--only-pairs", action="store_true", help="run only the two-digit canvas stage")
@@ -217,6 +262,9 @@ def main(argv=None) -> int:
         save()
         print(report(res))
         return 0
+    earlier = out / "results.json"
+    if not args.kl_steps and earlier.exists():  # keep an earlier run's sweep (its rows say how many steps)
+        res["kl_sweep"] = json.loads(earlier.read_text()).get("kl_sweep", [])
     if args.kl_steps:
         for kl in KL_WEIGHTS:
             res["kl_sweep"].append(autoencoder_stage(out, f"ae_kl{kl}", [*threads, f"train.steps={args.kl_steps}",
@@ -230,7 +278,10 @@ def main(argv=None) -> int:
                                     [*threads, f"data.autoencoder={ae_dir}", *_steps(args.ldm_steps)],
                                     args.num, args.sample_steps)
     save()
-    if args.pixel_steps >= 0:
+    if args.pixel_run is not None:
+        res["pixel"] = existing_pixel_stage(out, args.pixel_run, args.num, args.sample_steps)
+        save()
+    elif args.pixel_steps >= 0:
         res["pixel"] = diffusion_stage(out, "pixel_mnist5k", "mnist5k.yaml", [*threads, *_steps(args.pixel_steps)],
                                        args.num, args.sample_steps)
         save()
