@@ -113,7 +113,7 @@ def final_state(run_dir) -> dict:
     ck = load_checkpoint(run_dir)
     _, tensors = read_verified(ck.file, "difflab-checkpoint", "checkpoint")
     records = [json.loads(line) for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines()]
-    timings = ("samples_per_s", "elapsed")
+    timings = ("samples_per_s", "elapsed", "cpu_seconds")
     return {"step": ck.step, "tensors": tensors,
             "metrics": [{k: v for k, v in r.items() if k not in timings} for r in records]}
 
