@@ -461,10 +461,11 @@ class RunConfig:
         if (self.diffusion.objective == "matryoshka") != (self.model.kind == "matryoshka"):
             raise ConfigError("diffusion.objective 'matryoshka' and model.kind 'matryoshka' go together (the nested "
                               "U-Net denoises both resolutions; the objective trains them)")
-        if self.diffusion.objective == "matryoshka" and (self.diffusion.weighting != "none" or self.model.learned_variance
-                                                         or self.data.autoencoder is not None):
+        if self.diffusion.objective == "matryoshka" and (
+                self.diffusion.weighting != "none" or self.diffusion.target == "velocity" or self.model.learned_variance
+                or self.data.autoencoder is not None):
             raise ConfigError("diffusion.objective 'matryoshka' sums plain per-resolution MSEs of pixel images: it takes "
-                              "weighting none, no model.learned_variance and no data.autoencoder")
+                              "target eps, x0 or v, weighting none, no model.learned_variance and no data.autoencoder")
         if self.train.p_uncond > 0 and not self.model.conditional:
             raise ConfigError("train.p_uncond > 0 (label dropout) needs model.conditional: true")
         return self

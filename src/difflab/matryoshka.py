@@ -26,9 +26,17 @@ run's path; sampling advances both resolutions from shared times by construction
 (:class:`ResolutionDecoder`, :func:`at_resolution`; ``difflab sample RUN --resolution 14``): the high part, or the
 low part divided by ``c``.
 
-**Loss.** The multi-resolution loss is the sum of the per-resolution mean squared errors in the run's target space
-(:func:`multiresolution_loss`, named terms ``[B]``, STYLE rule 6); progressive training takes the low resolution's
-term alone (the inner network alone) for ``matryoshka.inner_steps`` steps, then the sum
+**The low resolution's own path.** :class:`LowResolutionPath` is the shifted schedule itself, ``a_h = r a n``,
+``s_h = s n`` with ``n = √((a² + s²)/(r² a² + s²))`` (so ``a_h² + s_h² = a² + s²``: variance-preserving when the run's
+path is); the joint state's low part is ``(a_h D(x) + s_h ε_h) / n``.
+
+**Loss.** The multi-resolution loss is the sum of the per-resolution losses, each the mean squared error of the run's
+target *in that resolution's own coordinates* (Gu et al. 2023, Eq. 6 with unit weights; :func:`multiresolution_loss`,
+named terms ``[B]``, STYLE rule 6). The high resolution's is the pixel model's loss. For the low one the joint state's
+error (target of ``c·D(x)`` on the run's path) is converted exactly by :func:`low_resolution_weight` — at fixed
+``x_t`` every target error is a multiple of the ε error (SPEC §4, :func:`difflab.losses.target_eps_factor`), so the
+factor is the ratio of those multiples on :class:`LowResolutionPath` and on the run's path. Progressive training
+takes the low resolution's term alone (the inner network alone) for ``matryoshka.inner_steps`` steps, then the sum
 (:mod:`difflab.objectives.matryoshka`).
 
 Notation: ``H``/``h`` the high/low side, ``r = H/h`` the ratio, ``c`` the low resolution's data scale (``= r``).
@@ -45,9 +53,14 @@ import torch.nn.functional as F
 
 from difflab.losses import target_error
 from difflab.networks.matryoshka import RATIO, NestedLayout
+from difflab.paths import GaussianPath
 from difflab.utils import mean_except_batch
 
+TARGETS = ("eps", "x0", "v")
+"""The targets a multi-resolution run regresses (:func:`low_resolution_weight` is closed-form for these)."""
+
 __all__ = ["RATIO", "NestedLayout", "log_snr_shift", "low_resolution_log_snr", "downsample", "joint_data",
+           "LowResolutionPath", "low_resolution_weight",
            "multiresolution_loss", "ResolutionDecoder", "at_resolution", "agreement"]
 
 
@@ -59,6 +72,47 @@ def log_snr_shift(ratio: float = RATIO) -> float:
 def low_resolution_log_snr(path, t, ratio: float = RATIO) -> torch.Tensor:
     """``λ_h(t) = λ_H(t) + 2 log r`` on the run's ``path`` (the high resolution's), float64 like ``path.log_snr``."""
     return path.log_snr(t) + log_snr_shift(ratio)
+
+
+class LowResolutionPath(GaussianPath):
+    """The low resolution's own path on the run's ``base`` path: ``a_h = r a n``, ``s_h = s n``,
+    ``n = √((a² + s²)/(r² a² + s²))``, so ``λ_h = λ + 2 log r`` and ``a_h² + s_h² = a² + s²`` (module docstring)."""
+
+    def __init__(self, base: GaussianPath, ratio: float = RATIO):
+        self.base, self.ratio = base, float(ratio)
+        self.t_min, self.t_max, self.discrete = base.t_min, base.t_max, getattr(base, "discrete", False)
+        if self.discrete:
+            self.T = base.T
+
+    def _scale(self, t):
+        a, s = self.base.a(t), self.base.s(t)
+        return a, s, torch.sqrt((a**2 + s**2) / ((self.ratio * a) ** 2 + s**2))
+
+    def a(self, t):
+        a, _, n = self._scale(t)
+        return self.ratio * a * n
+
+    def s(self, t):
+        _, s, n = self._scale(t)
+        return s * n
+
+
+def low_resolution_weight(path: GaussianPath, t, target: str, ratio: float = RATIO) -> torch.Tensor:
+    """``||target_h − target̂_h||² / ||target − target̂||²`` for the low part of the joint state at ``t``: its squared
+    error in the low resolution's own coordinates (data ``D(x)`` on :class:`LowResolutionPath`) over the same error in
+    the joint ones (data ``r·D(x)`` on ``path``), float64 ``[B]``. Both are ``target_eps_factor · ||ε − ε̂||²``
+    (:func:`difflab.losses.target_eps_factor`) with the same ``ε̂``; in closed form (finite where ``a = 0``)::
+
+        eps: 1        x0: 1/r²        v: (r² a² + s²) / (r² (a² + s²))
+    """
+    if target == "eps":
+        return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+    if target == "x0":
+        return torch.full_like(torch.as_tensor(t, dtype=torch.float64), 1.0 / ratio**2)
+    if target == "v":
+        a, s = path.a(t).double(), path.s(t).double()
+        return ((ratio * a) ** 2 + s**2) / (ratio**2 * (a**2 + s**2))
+    raise ValueError(f"a multi-resolution run regresses one of {TARGETS}, not {target!r}")
 
 
 def downsample(x: torch.Tensor, ratio: int = RATIO) -> torch.Tensor:
@@ -75,13 +129,15 @@ def joint_data(images: torch.Tensor, layout: NestedLayout) -> torch.Tensor:
 def multiresolution_loss(denoiser, layout: NestedLayout, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                          inner_only: bool = False, **cond) -> dict:
     """Per-example, per-resolution ``mean ||target − target̂||²`` on the joint state ``x_t = a_t x0 + s_t ε`` (shared
-    ``t``, independent noise per entry of ``ε``), in ``denoiser.target`` space: ``{"high": [B], "low": [B]}``.
+    ``t``, independent noise per entry of ``ε``), each in its resolution's own coordinates (the low one through
+    :func:`low_resolution_weight`): ``{"high": [B], "low": [B]}``.
 
     ``x0``, ``eps``: packed ``(B, C, H·W + h·w)``; the multi-resolution loss is the sum of the two terms.
     ``inner_only``: the inner network alone (progressive training's first phase): only ``"low"`` is returned."""
     extra = {"inner_only": True} if inner_only else {}
     err_high, err_low = layout.unpack(target_error(denoiser, x0, t, eps, **extra, **cond))
-    terms = {"low": mean_except_batch(err_low)}
+    weight = low_resolution_weight(denoiser.path, t, denoiser.target, layout.ratio).to(err_low.dtype)
+    terms = {"low": weight * mean_except_batch(err_low)}
     if not inner_only:
         terms["high"] = mean_except_batch(err_high)
     return terms
