@@ -5,7 +5,7 @@ Diffusion Models"): an image ``x`` (``H×W``, 28×28 for MNIST) and its down-sam
 denoises both.
 
 **Noise schedule per resolution.** The lower resolution's log-SNR is the higher one's shifted up by the squared
-side ratio (Gu et al. 2023, §3.1, after Hoogeboom et al. 2023):
+side ratio (Gu et al. 2023, after Hoogeboom et al. 2023):
 
     λ_h(t) = λ_H(t) + 2 log(H/h)            (28 over 14: λ_14 = λ_28 + 2 log 2, SNR × 4)
 
@@ -31,7 +31,7 @@ low part divided by ``c``.
 path is); the joint state's low part is ``(a_h D(x) + s_h ε_h) / n``.
 
 **Loss.** The multi-resolution loss is the sum of the per-resolution losses, each the mean squared error of the run's
-target *in that resolution's own coordinates* (Gu et al. 2023, Eq. 6 with unit weights; :func:`multiresolution_loss`,
+target *in that resolution's own coordinates* (Gu et al. 2023, with unit weights per resolution; :func:`multiresolution_loss`,
 named terms ``[B]``, STYLE rule 6). The high resolution's is the pixel model's loss. For the low one the joint state's
 error (target of ``c·D(x)`` on the run's path) is converted exactly by :func:`low_resolution_weight` — at fixed
 ``x_t`` every target error is a multiple of the ε error (SPEC §4, :func:`difflab.losses.target_eps_factor`), so the

@@ -1,5 +1,5 @@
 """The nested U-Net of multi-scale (Matryoshka) diffusion (SPEC §5, the multi-scale reading of "nested"; Gu et al.
-2023, §3.2 "NestedUNet"): one network that denoises an image and its ``ratio``-times smaller version jointly.
+2023, their NestedUNet): one network that denoises an image and its ``ratio``-times smaller version jointly.
 
 Layout. The two resolutions travel as one tensor (:class:`NestedLayout`): ``(B, C, H·W + h·w)``, the high
 resolution's pixels then the low resolution's, flattened per channel — so the joint state is one sampler state, and
