@@ -46,9 +46,11 @@ def closest_checkpoint(run_dir: Path, seconds: float, clock: str) -> tuple[int, 
     from difflab.checkpoint import list_checkpoints
 
     records = training_times(run_dir)
-    candidates = [(abs(records[s][clock] - seconds), s) for s in list_checkpoints(run_dir) if s in records]
+    candidates = [(abs(records[s][clock] - seconds), s) for s in list_checkpoints(run_dir)
+                  if records.get(s, {}).get(clock) is not None]
     if not candidates:
-        raise SystemExit(f"{run_dir} has no checkpoint with a metrics record (log_every must divide checkpoint_every)")
+        raise SystemExit(f"{run_dir} has no checkpoint with a metrics record holding {clock!r} (log_every must divide "
+                         "checkpoint_every)")
     step = min(candidates)[1]
     return step, records[step]
 
@@ -88,18 +90,23 @@ def run(mdm: Path, pixel: Path, num: int, steps: int, clock: str, agreement_num:
     mdm_step = load_checkpoint(mdm).step
     mdm_time = mdm_records[mdm_step]
     pixel_step, pixel_time = closest_checkpoint(pixel, mdm_time[clock], clock)
-    log(f"matryoshka: step {mdm_step} ({mdm_time['elapsed']:.0f} s wall, {mdm_time['cpu_seconds']:.0f} s CPU); pixel: "
-        f"checkpoint {pixel_step} ({pixel_time['elapsed']:.0f} s wall, {pixel_time['cpu_seconds']:.0f} s CPU)")
+    log(f"matryoshka: step {mdm_step} ({_seconds(mdm_time['elapsed'])} wall, {_seconds(mdm_time.get('cpu_seconds'))} CPU); "
+        f"pixel: checkpoint {pixel_step} ({_seconds(pixel_time['elapsed'])} wall, {_seconds(pixel_time.get('cpu_seconds'))} CPU)")
     rows = {}
     for name, run_dir, step, times in (("matryoshka", mdm, mdm_step, mdm_time), ("pixel", pixel, pixel_step, pixel_time)):
         start = time.perf_counter()
-        rows[name] = {"run_dir": str(run_dir), "train_elapsed": times["elapsed"], "train_cpu_seconds": times["cpu_seconds"],
+        rows[name] = {"run_dir": str(run_dir), "train_elapsed": times["elapsed"], "train_cpu_seconds": times.get("cpu_seconds"),
                       **score(run_dir, step, num, steps, seed)}
         rows[name]["eval_seconds"] = time.perf_counter() - start
         log(f"  {name}: {rows[name]}")
     agree = resolution_agreement(mdm, agreement_num, steps, seed)
     log(f"  agreement: {agree}")
     return {"rows": rows, "agreement": agree, "clock": clock, "num": num, "steps": steps, "seed": seed}
+
+
+def _seconds(value, unit: str = " s") -> str:
+    """``value`` seconds rounded, or "–" where a run's log has no such record (runs from before ``cpu_seconds``)."""
+    return "–" if value is None else f"{value:.0f}{unit}"
 
 
 def report(res: dict, machine: dict, command: str) -> str:
@@ -123,7 +130,7 @@ def report(res: dict, machine: dict, command: str) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in rows.items():
-        lines.append(f"| {name} (`{r['run_dir']}`) | {r['step']} | {r['train_elapsed']:.0f} | {r['train_cpu_seconds']:.0f} "
+        lines.append(f"| {name} (`{r['run_dir']}`) | {r['step']} | {r['train_elapsed']:.0f} | {_seconds(r['train_cpu_seconds'], '')} "
                      f"| {r['fd']:.4g} | {r['fd_floor']:.4g} | {r['class_accuracy']:.3f} | {r['sample_seconds']:.1f} |")
     reference = rows["matryoshka"].get("reference_accuracy")
     if reference is not None:
