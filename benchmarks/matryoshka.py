@@ -30,22 +30,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, write_json
+from benchmarks.common import machine_info, training_records, write_json
 
 CLOCKS = ("elapsed", "cpu_seconds")
-
-
-def training_times(run_dir: Path) -> dict:
-    """``{step: metrics record}`` of a run's ``metrics.jsonl`` (each has ``elapsed`` and ``cpu_seconds``)."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in (json.loads(line) for line in lines if line.strip())}
 
 
 def closest_checkpoint(run_dir: Path, seconds: float, clock: str) -> tuple[int, dict]:
     """The checkpoint step of ``run_dir`` whose training time on ``clock`` is closest to ``seconds``, and its record."""
     from difflab.checkpoint import list_checkpoints
 
-    records = training_times(run_dir)
+    records = training_records(run_dir)
     candidates = [(abs(records[s][clock] - seconds), s) for s in list_checkpoints(run_dir)
                   if records.get(s, {}).get(clock) is not None]
     if not candidates:
@@ -84,7 +78,7 @@ def resolution_agreement(run_dir: Path, num: int, steps: int, seed: int) -> dict
 
 
 def run(mdm: Path, pixel: Path, num: int, steps: int, clock: str, agreement_num: int, seed: int = 0, log=print) -> dict:
-    mdm_records = training_times(mdm)
+    mdm_records = training_records(mdm)
     from difflab.checkpoint import load_checkpoint
 
     mdm_step = load_checkpoint(mdm).step
