@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, write_json
+from benchmarks.common import machine_info, training_records, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 KL_WEIGHTS = ("1e-6", "1e-4", "1e-3", "1e-2")
@@ -75,6 +75,62 @@ def diffusion_stage(out: Path, name: str, config: str, overrides: list, num: int
             "metrics": {k: {"value": v["value"], "noise_floor": v.get("noise_floor")} for k, v in result["metrics"].items()},
             "reference_accuracy": result["metrics"].get("class_accuracy", {}).get("reference_accuracy"),
             "run_dir": str(run_dir)}
+
+
+def _logged_times(run_dir: Path, steps: int) -> dict:
+    """A run's training wall and process-CPU seconds at its last record (:func:`benchmarks.common.training_records`)."""
+    records = training_records(run_dir)
+    last = records[max(records)]
+    return {"train_seconds": last["elapsed"], "cpu_seconds": last.get("cpu_seconds"),
+            "cpu_seconds_estimated": bool(last.get("cpu_estimated"))}
+
+
+def existing_diffusion_stage(out: Path, name: str, run_dir: Path, num: int, sample_steps: int) -> dict:
+    """A diffusion run already trained (``--pixel-run``/``--ldm-run``): its logged training times, then scored
+    exactly as :func:`diffusion_stage` scores the runs it trains."""
+    from difflab.evaluation import evaluate_run
+    from difflab.pipeline import load_run
+    from difflab.plotting import save_image_grid
+
+    pipe = load_run(run_dir)
+    times = _logged_times(run_dir, pipe.step)
+    result = evaluate_run(run_dir, num_samples=num, steps=sample_steps, seed=0)
+    save_image_grid(pipe.sample(100, steps=sample_steps, progress=False).x, out / f"{name}_samples.png", nrow=10)
+    return {**times, "steps": pipe.step, "configured_steps": pipe.config.train.steps,
+            "full_budget_seconds_estimate": times["train_seconds"] / pipe.step * pipe.config.train.steps,
+            "sample_seconds": result["run"]["sample_seconds"], "num_samples": num, "nfe": result["run"]["nfe"],
+            "metrics": {k: {"value": v["value"], "noise_floor": v.get("noise_floor")} for k, v in result["metrics"].items()},
+            "reference_accuracy": result["metrics"].get("class_accuracy", {}).get("reference_accuracy"),
+            "run_dir": str(run_dir), "trained_elsewhere": True}
+
+
+def existing_autoencoder_stage(out: Path, run_dir: Path) -> dict:
+    """An autoencoder run already trained (``--ae-run``): its logged times and ``eval-autoencoder``'s measurements."""
+    from difflab.commands.autoencoder import evaluate_autoencoder
+    from difflab.latent import load_autoencoder
+
+    ae = load_autoencoder(run_dir)
+    result = evaluate_autoencoder(run_dir, out / "ae_mnist5k_reconstructions.png")
+    return {**result, **_logged_times(run_dir, ae.config.train.steps), "steps": ae.config.train.steps,
+            "kl_weight": ae.config.autoencoder.kl_weight, "run_dir": str(run_dir), "trained_elsewhere": True}
+
+
+def within_noise(lat: dict, pix: dict) -> list:
+    """Latent vs pixel per metric: FD-like (lower is better) is within noise when ``latent ≤ pixel + floor`` (the
+    real-vs-real value at the same n); a fraction (higher is better) when ``latent ≥ pixel − 2·SE``, SE the binomial
+    standard error of the pixel model's value at its n."""
+    rows = []
+    for name, e in lat["metrics"].items():
+        p = pix["metrics"].get(name)
+        if p is None or e["value"] is None or p["value"] is None:
+            continue
+        if name.startswith(("FD", "KID")):
+            floor = abs(p["noise_floor"] or 0.0)
+            rows.append((name, e["value"], p["value"], f"≤ pixel + {floor:.3g}", e["value"] <= p["value"] + floor))
+        elif name in ("class_accuracy", "precision", "recall"):
+            se = (max(p["value"] * (1 - p["value"]), 0.0) / pix["num_samples"]) ** 0.5
+            rows.append((name, e["value"], p["value"], f"≥ pixel − {2 * se:.3f} (2 SE)", e["value"] >= p["value"] - 2 * se))
+    return rows
 
 
 def pairs_stage(out: Path, threads: list, ae_steps: int, ldm_steps: int, num: int, sample_steps: int,
@@ -157,14 +213,27 @@ def report(res: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         rows = {"training steps (configured)": lambda r: f"{r['steps']} ({r['configured_steps']})",
                 "training wall time, s": lambda r: f"{r['train_seconds']:.0f}",
+                "training CPU time, s (one thread: unaffected by other jobs)":
+                    lambda r: "—" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.0f}"
+                    + (" (partly estimated: the run logged CPU time from a resume on)" if r.get("cpu_seconds_estimated") else ""),
                 "training wall time at the configured steps, s (measured s/step × steps)":
                     lambda r: f"{r['full_budget_seconds_estimate']:.0f}",
                 "sampling wall time, s": lambda r: f"{r['sample_seconds']:.1f} ({r['num_samples']} samples, {r['nfe']} NFE)"}
         for label, fn in rows.items():
             lines.append(f"| {label} | " + " | ".join(fn(r) for _, r in models) + " |")
+        if "latent" in res and "pixel" in res:
+            lines += ["", "Within the pixel model's noise:", "", "| metric | latent | pixel | criterion | within |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {n} | {a:.4g} | {b:.4g} | {c} | {'yes' if ok else 'no'} |"
+                      for n, a, b, c, ok in within_noise(res["latent"], res["pixel"])]
         if "latent" in res and "pixel" in res and ae:
             lat, pix = res["latent"], res["pixel"]
             total = ae["train_seconds"] + lat["full_budget_seconds_estimate"]
+            if all(r.get("cpu_seconds") for r in (lat, pix, ae)):
+                cpu_total = ae["cpu_seconds"] + lat["cpu_seconds"]
+                lines += ["", f"- training CPU time, pixel / (autoencoder + latent): {pix['cpu_seconds']:.0f} / "
+                              f"{cpu_total:.0f} = **{pix['cpu_seconds'] / cpu_total:.2f}×** (target ≥ 3×; one thread "
+                              "each, so CPU time is the training cost whatever else ran on the machine)"]
             lines += ["", f"- training time, pixel / (autoencoder + latent), at the configured budgets: "
                           f"{pix['full_budget_seconds_estimate']:.0f} / {total:.0f} = "
                           f"**{pix['full_budget_seconds_estimate'] / total:.2f}×** (target ≥ 3×)",
@@ -195,6 +264,11 @@ def main(argv=None) -> int:
     p.add_argument("--ae-steps", type=int, default=0, help="autoencoder steps (0: the config's)")
     p.add_argument("--ldm-steps", type=int, default=0, help="latent model steps (0: the config's)")
     p.add_argument("--pixel-steps", type=int, default=0, help="pixel model steps (0: the config's; -1: skip it)")
+    p.add_argument("--pixel-run", type=Path, default=None,
+                   help="score this run (trained with configs/mnist5k.yaml) as the pixel model instead of training one")
+    p.add_argument("--ae-run", type=Path, default=None, help="use this autoencoder run (configs/ae_mnist5k.yaml)")
+    p.add_argument("--ldm-run", type=Path, default=None,
+                   help="score this latent run (configs/ldm_mnist5k.yaml on --ae-run) instead of training one")
     p.add_argument("--num", type=int, default=1000, help="samples per model for the metrics")
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--only-pairs", action="store_true", help="run only the two-digit canvas stage")
@@ -217,20 +291,32 @@ def main(argv=None) -> int:
         save()
         print(report(res))
         return 0
+    earlier = out / "results.json"
+    if not args.kl_steps and earlier.exists():  # keep an earlier run's sweep (its rows say how many steps)
+        res["kl_sweep"] = json.loads(earlier.read_text()).get("kl_sweep", [])
     if args.kl_steps:
         for kl in KL_WEIGHTS:
             res["kl_sweep"].append(autoencoder_stage(out, f"ae_kl{kl}", [*threads, f"train.steps={args.kl_steps}",
                                                                           f"autoencoder.kl_weight={kl}",
                                                                           "autoencoder.perceptual_weight=0"]))
             save()
-    res["autoencoder"] = autoencoder_stage(out, "ae_mnist5k", [*threads, *_steps(args.ae_steps)])
+    if args.ae_run is not None:
+        res["autoencoder"] = existing_autoencoder_stage(out, args.ae_run)
+    else:
+        res["autoencoder"] = autoencoder_stage(out, "ae_mnist5k", [*threads, *_steps(args.ae_steps)])
     save()
     ae_dir = res["autoencoder"]["run_dir"]
-    res["latent"] = diffusion_stage(out, "ldm_mnist5k", "ldm_mnist5k.yaml",
-                                    [*threads, f"data.autoencoder={ae_dir}", *_steps(args.ldm_steps)],
-                                    args.num, args.sample_steps)
+    if args.ldm_run is not None:
+        res["latent"] = existing_diffusion_stage(out, "ldm_mnist5k", args.ldm_run, args.num, args.sample_steps)
+    else:
+        res["latent"] = diffusion_stage(out, "ldm_mnist5k", "ldm_mnist5k.yaml",
+                                        [*threads, f"data.autoencoder={ae_dir}", *_steps(args.ldm_steps)],
+                                        args.num, args.sample_steps)
     save()
-    if args.pixel_steps >= 0:
+    if args.pixel_run is not None:
+        res["pixel"] = existing_diffusion_stage(out, "pixel_mnist5k", args.pixel_run, args.num, args.sample_steps)
+        save()
+    elif args.pixel_steps >= 0:
         res["pixel"] = diffusion_stage(out, "pixel_mnist5k", "mnist5k.yaml", [*threads, *_steps(args.pixel_steps)],
                                        args.num, args.sample_steps)
         save()

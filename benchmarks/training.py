@@ -65,7 +65,8 @@ def mlp_spec() -> dict:
 
 
 # --- the diffusers U-Net of matched size ---------------------------------------------------------------------
-def diffusers_unet(width: int, levels: int, layers_per_block: int, image_size: int, attention_lowest: bool = True):
+def diffusers_unet(width: int, levels: int, layers_per_block: int, image_size: int, attention_lowest: bool = True,
+                   **extra):
     from diffusers import UNet2DModel
 
     down = ["DownBlock2D"] * levels
@@ -75,14 +76,14 @@ def diffusers_unet(width: int, levels: int, layers_per_block: int, image_size: i
     mults = [1] + [2] * (levels - 1)
     return UNet2DModel(sample_size=image_size, in_channels=1, out_channels=1, layers_per_block=layers_per_block,
                        block_out_channels=tuple(width * m for m in mults), down_block_types=tuple(down),
-                       up_block_types=tuple(up), norm_num_groups=8, attention_head_dim=8)
+                       up_block_types=tuple(up), norm_num_groups=8, attention_head_dim=8, **extra)
 
 
-def matched_diffusers_width(target_params: int, levels: int, layers_per_block: int, image_size: int) -> int:
+def matched_diffusers_width(target_params: int, levels: int, layers_per_block: int, image_size: int, **extra) -> int:
     """The base width (a multiple of 8, for GroupNorm(8)) whose UNet2DModel size is closest to ``target_params``."""
     best, best_gap = 8, None
     for width in range(8, 257, 8):
-        n = sum(p.numel() for p in diffusers_unet(width, levels, layers_per_block, image_size).parameters())
+        n = sum(p.numel() for p in diffusers_unet(width, levels, layers_per_block, image_size, **extra).parameters())
         gap = abs(n - target_params)
         if best_gap is None or gap < best_gap:
             best, best_gap = width, gap

@@ -51,6 +51,18 @@ def test_resume_is_bit_exact(tmp_path, kind):
     assert_same_state(final_state(tmp_path / "full"), final_state(tmp_path / "part"))
 
 
+def test_wall_and_cpu_time_are_logged_and_carried_over_a_resume(tmp_path):
+    """Every metrics record has the wall ``elapsed`` and the process ``cpu_seconds`` of training so far (the
+    latter unaffected by other jobs on a shared machine); both keep growing across a resume."""
+    run("diffusion", tmp_path / "run", 4, "train.checkpoint_every=2", "train.log_every=1")
+    run("diffusion", tmp_path / "run", 8, "train.checkpoint_every=2", "train.log_every=1", resume=True)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for key in ("elapsed", "cpu_seconds"):
+        values = [r[key] for r in records]
+        assert values[0] > 0 and all(b > a for a, b in zip(values, values[1:])), (key, values)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_sigkill_at_a_random_moment_then_resume_is_bit_exact(tmp_path, kind):
     """A process checkpointing every step is SIGKILLed at a random moment after its first checkpoint; the run
@@ -176,7 +188,7 @@ def test_temp_files_are_removed_at_the_next_start_and_files_get_the_umask_mode(t
 
 
 # --- g. divergence ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["diffusion", "autoencoder"])
+@pytest.mark.parametrize("kind", ["diffusion", "matryoshka", "autoencoder"])
 def test_divergence_keeps_only_checkpoints_from_before_it(tmp_path, kind):
     """With lr = 1e6 the loss of step 2 is ~1e14: the weights of step 1 gave it, so its checkpoint goes too."""
     from difflab.pipeline import load_run

@@ -159,6 +159,24 @@ def test_nested_quick(tmp_path, tiny_run):
     assert set(results["chosen_split"]) == {str(b) for b in nested.QUICK_BUDGET_CANDIDATES}
 
 
+def test_nested_model_only_measures_just_the_run(capsys, tmp_path, tiny_run):
+    """``difflab experiment nested RUN --model-only --num-samples N``: the trained model alone (no beds, no split
+    selection), N samples; --model-only without a run is a one-line error; an experiment that does not take an
+    option gets a note, not a failure."""
+    from difflab import cli
+
+    out = tmp_path / "nested"
+    assert cli.main(["experiment", "nested", str(tiny_run), "--quick", "--model-only", "--num-samples", "64",
+                     "--out", str(out)]) == 0
+    results = written(out, ["anytime_trained_model.png"])
+    assert set(results) >= {"trained_model"} and "gaussian_bed" not in results and "chosen_split" not in results
+    assert all(r.get("n", 64) == 64 for r in results["trained_model"] if isinstance(r, dict))
+    assert cli.main(["experiment", "nested", "--model-only", "--quick", "--out", str(out)]) == 2
+    assert "--model-only needs a RUN_DIR" in capsys.readouterr().err
+    assert cli.main(["experiment", "forward-process", "--quick", "--num-samples", "10", "--out", str(tmp_path / "fp")]) == 0
+    assert "--num-samples does not apply to this experiment: ignored" in capsys.readouterr().out
+
+
 def test_reverse_kernel_quick(tmp_path):
     """SPEC §5, §8. The least KL of Gaussian reverse steps falls with the number of steps (measured 1.76 nats at
     T = 1 → 0.11 at T = 16; asserted > 1 and a fall by 3×); the quadrature's mass is 1 to 1e-10; DDPM with one

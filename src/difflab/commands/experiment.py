@@ -44,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to write report.md, results.json and the figures (default: experiments/NAME)")
     p.add_argument("--quick", action="store_true", help="small sizes: seconds instead of minutes (a smoke test)")
     p.add_argument("--seed", type=arguments.seed, default=None, help="random seed (default: the experiment's own, 0)")
+    p.add_argument("--num-samples", type=arguments.count, default=None, metavar="N",
+                   help="samples drawn from RUN_DIR's model per measurement, for experiments that take it")
+    p.add_argument("--model-only", action="store_true",
+                   help="measure only RUN_DIR's model, not the exact beds, for experiments that take it (a costly "
+                        "model gets its own report)")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
 
 
@@ -54,7 +59,7 @@ def list_experiments() -> str:
     return "\n".join(f"  {name:<{width}}  {experiment_summary(name)}" for name in EXPERIMENTS)
 
 
-def experiment_options(run_fn, run_dir, quick: bool, seed) -> tuple[dict, list]:
+def experiment_options(run_fn, run_dir, quick: bool, seed, num_samples=None, model_only: bool = False) -> tuple[dict, list]:
     """The keyword arguments of ``run_fn`` for the command's options, and notes on options it does not take."""
     accepted = inspect.signature(run_fn).parameters
     options, notes = {}, []
@@ -64,13 +69,15 @@ def experiment_options(run_fn, run_dir, quick: bool, seed) -> tuple[dict, list]:
         if not Path(run_dir).is_dir():
             raise ValueError(f"no run directory {str(run_dir)!r}")
         options["run_dir"] = run_dir
-    for name, value in (("quick", quick), ("seed", seed)):
+    if model_only and run_dir is None:
+        raise ValueError("--model-only needs a RUN_DIR to measure")
+    for name, value in (("quick", quick), ("seed", seed), ("num_samples", num_samples), ("model_only", model_only)):
         if value is None or value is False:  # not given
             continue
         if name in accepted:
             options[name] = value
         else:
-            notes.append(f"--{name} does not apply to this experiment: ignored")
+            notes.append(f"--{name.replace('_', '-')} does not apply to this experiment: ignored")
     return options, notes
 
 
@@ -83,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if args.name is None:
         raise ValueError("name an experiment (one of " + ", ".join(EXPERIMENTS) + "; see --list)")
     module = importlib.import_module(f"difflab.experiments.{EXPERIMENTS[args.name]}")
-    options, notes = experiment_options(module.run, args.run_dir, args.quick, args.seed)
+    options, notes = experiment_options(module.run, args.run_dir, args.quick, args.seed, args.num_samples,
+                                        args.model_only)
     for note in notes:
         print(f"difflab: note: {note}")
     out_dir = Path(args.out) if args.out else Path("experiments") / args.name
@@ -99,4 +107,5 @@ examples:
   difflab experiment ddim-steps runs/digits8 --out experiments/ddim-steps-digits8
   difflab experiment ode-solvers --quick --out /tmp/ode-solvers
   difflab experiment schedules --seed 1 --out experiments/schedules-seed1
+  difflab experiment nested runs/mnist5k --model-only --num-samples 500 --out experiments/nested-mnist5k
 """

@@ -280,7 +280,7 @@ class Engine:
                      for name, t in objective.trainables.items() if t.ema_decay is not None}
         self.forward = {name: self._forward_module(m) for name, m in self.modules.items()}
         self.grad_norms: dict = {}
-        self.book = {"window": {}, "window_count": 0, "elapsed": 0.0, "last": {}, "level": {}, "verified": None}
+        self.book = {"window": {}, "window_count": 0, "elapsed": 0.0, "cpu_seconds": 0.0, "last": {}, "level": {}, "verified": None}
         self.start, self.last_saved, self.sinks = 0, None, []
 
     def _forward_module(self, module: nn.Module) -> nn.Module:
@@ -364,7 +364,7 @@ class Engine:
                   f"{'; bf16 autocast' if self.amp_dtype is not None else ''}", flush=True)
         bar = tqdm(total=s.steps, initial=self.start, disable=not self.progress, desc="training", dynamic_ncols=True)
         window_time, window_steps, t_start = time.perf_counter(), 0, time.perf_counter()
-        elapsed_before = float(self.book["elapsed"])
+        elapsed_before, cpu_before, cpu_start = float(self.book["elapsed"]), float(self.book.get("cpu_seconds", 0.0)), time.process_time()
         for module in self.modules.values():
             module.train()
         for index in range(self.start, s.steps):
@@ -387,6 +387,7 @@ class Engine:
             window_steps += 1
             now = time.perf_counter()
             self.book["elapsed"] = elapsed_before + (now - t_start)
+            self.book["cpu_seconds"] = cpu_before + (time.process_time() - cpu_start)
             bar.update(1)
             bar.set_postfix({name: f"{v:.4f}" for name, v in values.items() if name in obj.monitor}, refresh=False)
             if self.dist.main and (k % s.log_every == 0 or k == s.steps):
@@ -488,7 +489,7 @@ class Engine:
         record = {"step": k, **{n: v / book["window_count"] for n, v in book["window"].items()}}
         for name, t in obj.trainables.items():
             record["lr" if len(obj.trainables) == 1 else f"lr_{name}"] = t.lr * t.schedule(k)
-        record.update(samples_per_s=samples_per_s, elapsed=book["elapsed"])
+        record.update(samples_per_s=samples_per_s, elapsed=book["elapsed"], cpu_seconds=book.get("cpu_seconds", 0.0))
         for sink in self.sinks:
             sink.log(record)
         if self.on_log is not None:

@@ -238,11 +238,12 @@ def choose_splits(report: Report, candidates: dict, n: int) -> dict:
 
 
 def run(out_dir, run_dir: Optional[str] = None, quick: bool = False, seed: int = 0,
-        num_samples: Optional[int] = None) -> Path:
+        num_samples: Optional[int] = None, model_only: bool = False) -> Path:
     """Write ``report.md``, ``results.json`` and the figures into ``out_dir``; returns the report's path.
 
     ``num_samples`` for the trained model defaults to 2000 (200 with ``quick``), capped at half the reference set;
-    the Gaussian bed uses 20000 samples (2000 quick) and the mixture bed 4000 (500 quick).
+    the Gaussian bed uses 20000 samples (2000 quick) and the mixture bed 4000 (500 quick). ``model_only`` measures
+    the trained model alone (no beds, no split selection: a costly model's own report).
     """
     from difflab.testbeds import gaussian_bed, mixture_bed_2d
 
@@ -255,6 +256,14 @@ def run(out_dir, run_dir: Optional[str] = None, quick: bool = False, seed: int =
                 "finished sample. Rows `nested N×M` are its anytime outputs (N outer steps of M inner network "
                 "evaluations); `DDIM/DEIS x̂0` the denoiser's one-evaluation estimate along a plain run of the same "
                 "total budget; `full run` a plain run with that many evaluations.")
+
+    if model_only:
+        report.heading("Trained model", level=2)
+        pipe = trained_or_built_in(run_dir, Path(out_dir), quick, seed, report)
+        measure(report, pipeline_subject(pipe, num_samples or (200 if quick else 2000), seed), splits, full_nfe,
+                "trained_model", trace_points=5 if quick else 20)
+        provenance(report, started)
+        return report.write()
 
     n_bed = 2000 if quick else 20_000
     bed = gaussian_bed(16, condition=100.0, seed=0)
