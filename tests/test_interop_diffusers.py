@@ -198,7 +198,10 @@ def tiny_sd(tmp_path_factory):
 def test_stable_diffusion_cfg_with_difflab_scheduler(tiny_sd):
     """StableDiffusionPipeline (tokenizer, text encoder, conditional UNet, VAE, its own CFG at scale 3) runs end to
     end on DifflabScheduler, and its latents are difflab's CFG (prompt embeddings as the condition, the negative
-    prompt's as ∅) run by difflab's DEIS on the wrapped UNet."""
+    prompt's as ∅) run by the scheduler's default solver — difflab's default sampler — on the wrapped UNet."""
+    from difflab.interop.diffusers_scheduler import DEFAULT_SOLVER
+
+    assert DEFAULT_SOLVER == "default"
     pipe = tiny_sd
     pipe.scheduler = DifflabScheduler.from_config(pipe.scheduler.config)
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -211,7 +214,8 @@ def test_stable_diffusion_cfg_with_difflab_scheduler(tiny_sd):
         cond, null = pipe.encode_prompt("a cat", "cpu", 1, True)
         den = diffusers_denoiser(pipe.unet, pipe.scheduler.config, context=cond, null_context=null[0])
         guided = ClassifierFreeGuidance(den, 3.0)
-        out = SAMPLERS["deis"](guided, (z * pipe.scheduler.init_noise_sigma).double(), 6, y=torch.zeros(1).long())
+        out = SAMPLERS[DEFAULT_SOLVER](guided, (z * pipe.scheduler.init_noise_sigma).double(), 6,
+                                       y=torch.zeros(1).long())
     assert out.nfe == 2 * len(pipe.scheduler.timesteps)
     assert torch.allclose(latents, out.x.float(), atol=1e-4)
 
