@@ -107,3 +107,23 @@ def write_json(path: Path, obj) -> None:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def training_records(run_dir: Path) -> dict:
+    """``{step: metrics record}`` of a run's ``metrics.jsonl``, every record with the engine's ``elapsed`` (wall) and
+    ``cpu_seconds`` (process CPU time) of training so far.
+
+    A run resumed at step ``r0`` from an engine that did not yet log CPU time counts CPU from the resume on; its
+    records then get ``r0 × (CPU per step after the resume)`` added (and records up to ``r0`` that much per step),
+    marked ``cpu_estimated``."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    records = {r["step"]: r for r in (json.loads(line) for line in lines if line.strip())}
+    missing = [s for s, r in records.items() if "cpu_seconds" not in r]
+    logged = [s for s, r in records.items() if "cpu_seconds" in r]
+    if missing and logged:
+        r0, last = max(missing), max(logged)
+        rate = records[last]["cpu_seconds"] / (last - r0)
+        for s, r in records.items():
+            r["cpu_seconds"] = r["cpu_seconds"] + r0 * rate if s > r0 else s * rate
+            r["cpu_estimated"] = True
+    return records

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, write_json
+from benchmarks.common import machine_info, training_records, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 KL_WEIGHTS = ("1e-6", "1e-4", "1e-3", "1e-2")
@@ -78,17 +78,11 @@ def diffusion_stage(out: Path, name: str, config: str, overrides: list, num: int
 
 
 def _logged_times(run_dir: Path, steps: int) -> dict:
-    """A run's training wall and process-CPU seconds from its metrics.jsonl (the engine's ``elapsed`` and
-    ``cpu_seconds``). A run resumed from an engine that did not yet log CPU time counts CPU from the resume on:
-    its total is then extrapolated by steps (``cpu_seconds_extrapolated``)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = records[-1]
-    out = {"train_seconds": last["elapsed"], "cpu_seconds": last.get("cpu_seconds")}
-    missing = [r["step"] for r in records if "cpu_seconds" not in r]
-    if missing and out["cpu_seconds"] is not None:
-        covered = steps - max(missing)
-        out.update(cpu_seconds=out["cpu_seconds"] * steps / covered, cpu_seconds_extrapolated=f"from {covered} of {steps} steps")
-    return out
+    """A run's training wall and process-CPU seconds at its last record (:func:`benchmarks.common.training_records`)."""
+    records = training_records(run_dir)
+    last = records[max(records)]
+    return {"train_seconds": last["elapsed"], "cpu_seconds": last.get("cpu_seconds"),
+            "cpu_seconds_estimated": bool(last.get("cpu_estimated"))}
 
 
 def existing_diffusion_stage(out: Path, name: str, run_dir: Path, num: int, sample_steps: int) -> dict:
@@ -221,7 +215,7 @@ def report(res: dict) -> str:
                 "training wall time, s": lambda r: f"{r['train_seconds']:.0f}",
                 "training CPU time, s (one thread: unaffected by other jobs)":
                     lambda r: "—" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.0f}"
-                    + (f" (extrapolated {r['cpu_seconds_extrapolated']})" if r.get("cpu_seconds_extrapolated") else ""),
+                    + (" (partly estimated: the run logged CPU time from a resume on)" if r.get("cpu_seconds_estimated") else ""),
                 "training wall time at the configured steps, s (measured s/step × steps)":
                     lambda r: f"{r['full_budget_seconds_estimate']:.0f}",
                 "sampling wall time, s": lambda r: f"{r['sample_seconds']:.1f} ({r['num_samples']} samples, {r['nfe']} NFE)"}

@@ -1,6 +1,6 @@
-"""The objectives every engine contract test runs (tests/test_engine.py): diffusion, DDGAN, the classifier and the KL
-autoencoder (with its patch discriminator switched on after 2 steps) through their commands, and a toy two-module
-objective (a generator and a critic with two optimisers, the shape of a GAN).
+"""The objectives every engine contract test runs (tests/test_engine.py): diffusion, DDGAN, Matryoshka (its joint phase
+from step 3), the classifier and the KL autoencoder (with its patch discriminator switched on after 2 steps) through
+their commands, and a toy two-module objective (a generator and a critic with two optimisers, the shape of a GAN).
 
 Run as ``python -m tests.engine_objectives KIND RUN_DIR STEPS [--resume] [KEY=VALUE ...]`` (from the repository
 root) it trains one of them, so tests can SIGKILL a real process; :func:`run` does the same in this process.
@@ -22,12 +22,18 @@ from difflab.engine.rundir import METRICS_FILE
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny2d.yaml"
 BASE = ["train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.num_threads=1"]
-KINDS = ("diffusion", "ddgan", "classifier", "autoencoder", "two-module")
+KINDS = ("diffusion", "ddgan", "matryoshka", "classifier", "autoencoder", "two-module")
 AUTOENCODER = ["data.name=digits8", "data.n=64", "autoencoder.latent_channels=2", "autoencoder.base_channels=8",
                "autoencoder.disc_weight=0.5", "autoencoder.disc_start=2", "train.batch_size=8", "train.device=cpu"]
 """The engine tests' autoencoder: 64 8×8 digits, a few thousand parameters, the adversarial term from step 3."""
 DDGAN = ["diffusion.objective=ddgan", "diffusion.schedule=vp", "diffusion.T=4", "ddgan.nz=4", "ddgan.d_width=16",
          "ddgan.d_depth=1", "ddgan.lazy_reg=2"]  # R1 on every other step: resumes must keep the phase
+MATRYOSHKA = ["data.name=digits8", "data.n=64", "model.kind=matryoshka", "model.conditional=true",
+              "model.base_channels=8", "model.channel_mults=[1,1]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
+              "diffusion.objective=matryoshka", "matryoshka.inner_steps=2", "train.p_uncond=0.1", "train.batch_size=8",
+              "train.device=cpu"]
+"""Multi-scale diffusion of 8×8 digits and their 4×4 versions: the inner network alone for 2 steps, then jointly
+(resumes at step 3 must continue in the joint phase)."""
 
 
 class TwoModule(Objective):
@@ -59,14 +65,14 @@ class TwoModule(Objective):
 def config(kind: str, steps: int, overrides=()):
     key = "classifier.steps" if kind == "classifier" else "train.steps"
     extra = {"classifier": ["classifier.width=16", "classifier.time_dim=16", "classifier.batch_size=32",
-                            "classifier.log_every=1"], "autoencoder": AUTOENCODER, "ddgan": DDGAN}.get(kind, [])
+                            "classifier.log_every=1"], "autoencoder": AUTOENCODER, "ddgan": DDGAN, "matryoshka": MATRYOSHKA}.get(kind, [])
     return load_config(TINY, [*BASE, *extra, f"{key}={steps}", *overrides])
 
 
 def run(kind: str, run_dir, steps: int, *overrides, resume: bool = False, overwrite: bool = False):
     """Train ``kind`` for ``steps`` into ``run_dir`` in this process."""
     cfg = config(kind, steps, overrides)
-    if kind in ("diffusion", "ddgan"):
+    if kind in ("diffusion", "ddgan", "matryoshka"):
         from difflab.training import train
 
         return train(cfg, run_dir, resume=resume, overwrite=overwrite, progress=False)

@@ -188,7 +188,7 @@ def test_temp_files_are_removed_at_the_next_start_and_files_get_the_umask_mode(t
 
 
 # --- g. divergence ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["diffusion", "autoencoder"])
+@pytest.mark.parametrize("kind", ["diffusion", "matryoshka", "autoencoder"])
 def test_divergence_keeps_only_checkpoints_from_before_it(tmp_path, kind):
     """With lr = 1e6 the loss of step 2 is ~1e14: the weights of step 1 gave it, so its checkpoint goes too."""
     from difflab.pipeline import load_run

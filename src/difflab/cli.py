@@ -21,7 +21,7 @@ from difflab.commands import evaluate, experiment
 from difflab.commands import demo, train_classifier
 from difflab.commands import autoencoder, calibrate, nll, reflow
 from difflab.commands import arguments
-from difflab.limits import MAX_CLASSES
+from difflab.limits import MAX_CLASSES, MAX_SIDE
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -93,6 +93,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, metavar="TEXT",
                    help='the prompt of a run trained with model.prompt, e.g. "3 then 7" ("": unconditional)')
     p.add_argument("--out", required=True, metavar="FILE", help="FILE.png (grid or scatter plot) or FILE.npz (arrays)")
+    p.add_argument("--resolution", type=arguments.bounded_int(1, MAX_SIDE), default=None, metavar="SIDE",
+                   help="a multi-resolution (matryoshka) run: the side of the images to write, either of the two it "
+                        "samples jointly (default: the larger)")
     p.add_argument("--batch-size", type=arguments.count, default=256, help="samples per network batch (default: 256)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", type=arguments.device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -179,6 +182,10 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.classifier_scale is not None and args.classifier is None:
         raise ValueError("--classifier-scale needs --classifier CLS_DIR")
     pipe = load_run(args.run_dir, ema=not args.no_ema, device=args.device, compile=args.compile)
+    if args.resolution is not None:
+        from difflab.matryoshka import at_resolution
+
+        pipe = at_resolution(pipe, args.resolution)
     if args.prompt is not None:
         if args.label is not None or not hasattr(pipe.net, "label_of"):
             raise ValueError("--prompt needs a run trained with model.prompt: true, and no --class")

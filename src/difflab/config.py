@@ -10,6 +10,7 @@ A run is described by :class:`RunConfig` with these sections::
     train:     {steps, batch_size, lr, ...}                  -> difflab.training.train
     classifier: {width, depth, steps, ...}                   -> difflab.classifier_training (optional)
     autoencoder: {latent_channels, kl_weight, ...}           -> difflab.objectives.autoencoder (SPEC §5)
+    matryoshka: {inner_steps}                                -> difflab.objectives.matryoshka (with objective: matryoshka)
 
 Every value is checked at the edge — unknown keys (with the nearest valid key suggested), wrong
 types, out-of-range numbers, bad enum values, combinations the math does not allow — and any
@@ -106,6 +107,7 @@ NETWORK_FIELDS = {
     "mlp": ("hidden", "depth", "time_dim"),
     "unet": ("base_channels", "channel_mults", "num_res_blocks", "attn_resolutions", "num_heads", "dropout",
              "context_dim"),
+    "matryoshka": ("base_channels", "channel_mults", "num_res_blocks", "attn_resolutions", "num_heads", "dropout"),
 }
 """Which :class:`ModelConfig` fields each network kind takes (the others are ignored for that kind);
 they are the keyword arguments of :class:`~difflab.networks.MLPDenoiser` and :class:`~difflab.networks.UNet`."""
@@ -125,7 +127,7 @@ class ModelConfig:
     instead of a class embedding (:mod:`difflab.prompts`).
     """
 
-    kind: str = field(default="mlp", metadata=_choices("mlp", "unet"))
+    kind: str = field(default="mlp", metadata=_choices("mlp", "unet", "matryoshka"))
     conditional: bool = False
     learned_variance: bool = False
     # mlp
@@ -193,7 +195,9 @@ class DiffusionConfig:
     (SPEC §6): ``none`` draws them independently, ``ot`` re-pairs each minibatch by exact optimal transport
     (:func:`difflab.flows.flow_matching_loss`; needs ``target: velocity``). ``objective`` chooses what
     ``difflab train`` fits: the diffusion loss, or ``ddgan`` — a generator of ``x̂0`` learned adversarially for the
-    ``T`` steps of the path (SPEC §5; the ``ddgan`` section; ``target`` and ``weighting`` do not apply).
+    ``T`` steps of the path (SPEC §5; the ``ddgan`` section; ``target`` and ``weighting`` do not apply), or
+    ``matryoshka`` — an image and its half-size version denoised jointly by the nested U-Net (``model.kind:
+    matryoshka``; SPEC §5, :mod:`difflab.matryoshka`; the ``matryoshka`` section).
     """
 
     path: str = field(default="discrete", metadata=_choices("discrete", *CONTINUOUS_PATHS))
@@ -204,7 +208,7 @@ class DiffusionConfig:
     weighting: str = field(default="none", metadata=_choices(*WEIGHTINGS))
     min_snr_gamma: float = 5.0
     coupling: str = field(default="none", metadata=_choices("none", "ot"))
-    objective: str = field(default="diffusion", metadata=_choices("diffusion", "ddgan"))
+    objective: str = field(default="diffusion", metadata=_choices("diffusion", "ddgan", "matryoshka"))
 
     def validate(self) -> None:
         _in_range("diffusion.T", self.T, 1, limits.MAX_T)
@@ -424,8 +428,21 @@ class DDGANConfig:
             raise ConfigError(f"ddgan.betas must be two numbers in [0, 1) (Adam's β1, β2), got {self.betas}")
 
 
+@dataclass
+class MatryoshkaConfig:
+    """Multi-scale (Matryoshka) diffusion (SPEC §5; Gu et al. 2023), used when ``diffusion.objective: matryoshka``
+    (:mod:`difflab.objectives.matryoshka`): progressive training fits the inner (half-size) network alone for the
+    first ``inner_steps`` steps, then both resolutions jointly (0: jointly from the start)."""
+
+    inner_steps: int = 0
+
+    def validate(self) -> None:
+        _in_range("matryoshka.inner_steps", self.inner_steps, 0, limits.MAX_STEPS)
+
+
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig,
-            "classifier": ClassifierConfig, "autoencoder": AutoencoderConfig, "ddgan": DDGANConfig}
+            "classifier": ClassifierConfig, "autoencoder": AutoencoderConfig, "ddgan": DDGANConfig,
+            "matryoshka": MatryoshkaConfig}
 
 
 @dataclass
@@ -439,6 +456,7 @@ class RunConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     ddgan: DDGANConfig = field(default_factory=DDGANConfig)
+    matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)
 
     def validate(self) -> "RunConfig":
         for name in SECTIONS:
@@ -446,6 +464,14 @@ class RunConfig:
         if self.diffusion.objective == "ddgan" and (self.model.learned_variance or self.train.p_uncond > 0):
             raise ConfigError("diffusion.objective 'ddgan' draws x̂0 from its generator: it takes no "
                               "model.learned_variance and no train.p_uncond (label dropout)")
+        if (self.diffusion.objective == "matryoshka") != (self.model.kind == "matryoshka"):
+            raise ConfigError("diffusion.objective 'matryoshka' and model.kind 'matryoshka' go together (the nested "
+                              "U-Net denoises both resolutions; the objective trains them)")
+        if self.diffusion.objective == "matryoshka" and (
+                self.diffusion.weighting != "none" or self.diffusion.target == "velocity" or self.model.learned_variance
+                or self.data.autoencoder is not None):
+            raise ConfigError("diffusion.objective 'matryoshka' sums plain per-resolution MSEs of pixel images: it takes "
+                              "target eps, x0 or v, weighting none, no model.learned_variance and no data.autoencoder")
         if self.train.p_uncond > 0 and not self.model.conditional:
             raise ConfigError("train.p_uncond > 0 (label dropout) needs model.conditional: true")
         return self

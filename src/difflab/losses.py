@@ -67,6 +67,19 @@ def sample_time(path: GaussianPath, batch: int, generator: Optional[torch.Genera
     return path.t_min + (path.t_max - path.t_min) * u
 
 
+def target_error(denoiser: NetworkDenoiser, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                 **cond) -> torch.Tensor:
+    """The squared error ``(target − target̂)²`` of every entry of ``x0`` at ``x_t = a_t x0 + s_t ε`` (SPEC §3, §4),
+    in ``denoiser.target`` space, shaped like ``x0`` (callers reduce it: :func:`diffusion_loss`, or per resolution
+    :func:`difflab.matryoshka.multiresolution_loss`)."""
+    path = denoiser.path
+    x_t, _ = path.sample(x0, t, eps)
+    out = denoiser.raw(x_t, t, **cond).to(x0.dtype)
+    if denoiser.learned_variance:
+        out = out.chunk(2, dim=1)[0]
+    return (out - from_x0_eps(x0, eps, x_t, t, path, denoiser.target)) ** 2
+
+
 def diffusion_loss(denoiser: NetworkDenoiser, x0: torch.Tensor, weighting: str = "none",
                    t: Optional[torch.Tensor] = None, eps: Optional[torch.Tensor] = None,
                    generator: Optional[torch.Generator] = None, min_snr_gamma: float = 5.0, **cond) -> torch.Tensor:
@@ -82,12 +95,7 @@ def diffusion_loss(denoiser: NetworkDenoiser, x0: torch.Tensor, weighting: str =
         t = sample_time(path, B, generator, x0.device)
     if eps is None:
         eps = randn(x0.shape, generator, x0.device, x0.dtype)
-    x_t, _ = path.sample(x0, t, eps)
-    out = denoiser.raw(x_t, t, **cond).to(x0.dtype)
-    if denoiser.learned_variance:
-        out = out.chunk(2, dim=1)[0]
-    truth = from_x0_eps(x0, eps, x_t, t, path, target)
-    mse = mean_except_batch((out - truth) ** 2)
+    mse = mean_except_batch(target_error(denoiser, x0, t, eps, **cond))
     if weighting == "none":
         return mse
     w = eps_space_weight(path, t, target, weighting, min_snr_gamma) / target_eps_factor(path, t, target)

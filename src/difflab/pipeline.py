@@ -434,7 +434,8 @@ class Pipeline:
     step: int
     device: torch.device
     decoder: Optional[Callable] = None
-    """Latent runs (SPEC §5): ``z' -> images`` (:class:`~difflab.latent.LatentDecoder`), applied after any sampler."""
+    """Latent runs (SPEC §5): ``z' -> images`` (:class:`~difflab.latent.LatentDecoder`); multi-resolution runs: the
+    joint sample at one resolution (:class:`~difflab.matryoshka.ResolutionDecoder`); applied after any sampler."""
     run_dir: Optional[Path] = None
 
     @property
@@ -596,6 +597,14 @@ def load_run(run_dir: Union[str, Path], ema: bool = True, device=None, which: Un
         from difflab.latent import load_latent_decoder
 
         decoder = load_latent_decoder(run_dir, meta["latent"], device)
+    if "matryoshka" in meta:  # the joint samples of both resolutions, shown at the high one (SPEC §5)
+        from difflab.matryoshka import NestedLayout, ResolutionDecoder
+
+        try:
+            layout = NestedLayout.of_packed(data_shape)
+        except ValueError as err:
+            raise CheckpointError(f"{json_file}: {err}") from None
+        decoder = ResolutionDecoder(layout, layout.height)
     forward = maybe_compile(net, compile, f"the network of {run_dir}")
     if is_ddgan(cfg):
         from difflab.ddgan import DDGANGenerator

@@ -121,6 +121,10 @@ def train(cfg: RunConfig, run_dir: Union[str, Path], resume: bool = False, overw
             from difflab.objectives.ddgan import DDGANObjective
 
             objective = DDGANObjective(cfg, dataset, device)
+        elif cfg.diffusion.objective == "matryoshka":  # SPEC §5: two resolutions jointly
+            from difflab.objectives.matryoshka import MatryoshkaObjective
+
+            objective = MatryoshkaObjective(cfg, dataset, device)
         elif cfg.data.autoencoder is not None:
             objective = LatentDiffusionObjective(cfg, dataset, device)
         else:

@@ -137,18 +137,19 @@ def _reference_data(cfg, data_path: Optional[str]):
 
 def evaluate_run(run_dir, num_samples: int = 1000, sampler: Optional[str] = None, steps: Optional[int] = None, seed: int = 0,
                  batch_size: int = 256, data_path: Optional[str] = None, noise_floor: bool = True,
-                 cache_root=None, progress: bool = False, **sampler_options) -> dict:
+                 cache_root=None, progress: bool = False, which="latest", **sampler_options) -> dict:
     """Sample a trained run and score it against its data (the JSON behind ``difflab eval RUN_DIR``).
 
     Uses :func:`difflab.pipeline.load_run` (EMA weights), samples ``num_samples`` with ``sampler``/``steps``
     (default: the run's, :meth:`~difflab.pipeline.Pipeline.resolve_sampler` — DDIM-50, or a DDGAN run's own chain)
     (class-conditional models cycle through the classes and get ``class_accuracy``), and calls
     :func:`evaluate_samples` against the run's data set (``data_path`` overrides the config's path). Image
-    runs use the cached feature network of the data set (trained on first use, about a minute).
+    runs use the cached feature network of the data set (trained on first use, about a minute). ``which`` picks the
+    checkpoint (``"latest"``, or a step).
     """
     from difflab.pipeline import load_run
 
-    pipe = load_run(run_dir)
+    pipe = load_run(run_dir, which=which)
     sampler, steps = pipe.resolve_sampler(sampler, steps)
     cfg = pipe.config
     ds, reference_desc = _reference_data(cfg, data_path)

@@ -8,6 +8,8 @@ integer DDPM steps as given, continuous time via :func:`network_time_fn`), ``y``
 
 - :class:`MLPDenoiser` (:mod:`.mlp`): points and flat vectors.
 - :class:`UNet` (:mod:`.unet`): images; its :class:`ResBlock` and the embeddings are reusable.
+- :class:`MatryoshkaUNet` (:mod:`.matryoshka`): an image and its half-size version jointly, packed as one
+  ``(C, H·W + h·w)`` tensor (multi-scale diffusion, SPEC §5).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from difflab.networks.attention import AttentionBlock, MultiHeadAttention, group
 from difflab.networks.embeddings import (NULL_LABEL, ClassEmbedding, ConditionEmbedding, TimeEmbedding,
                                          network_time_fn, timestep_embedding)
 from difflab.networks.mlp import MLPDenoiser
+from difflab.networks.matryoshka import MatryoshkaUNet, NestedLayout
 from difflab.networks.unet import Downsample, ResBlock, UNet, Upsample
 
 
@@ -41,8 +44,16 @@ def _build_unet(data_shape: tuple, num_classes: int, learned_variance: bool, **k
                 learned_variance=learned_variance, **kwargs)
 
 
+def _build_matryoshka(data_shape: tuple, num_classes: int, learned_variance: bool, **kwargs) -> MatryoshkaUNet:
+    if learned_variance:
+        raise ValueError("the matryoshka network predicts the target only (no learned variance)")
+    layout = NestedLayout.of_packed(data_shape)  # (C, H·W + h·w) of square images
+    return MatryoshkaUNet(in_channels=layout.channels, image_size=layout.height, num_classes=num_classes, **kwargs)
+
+
 # kind -> (builder, the network class whose keyword arguments the builder derives from data_shape etc.)
-NETWORKS = {"mlp": (_build_mlp, MLPDenoiser, ("dim",)), "unet": (_build_unet, UNet, ("in_channels", "image_size"))}
+NETWORKS = {"mlp": (_build_mlp, MLPDenoiser, ("dim",)), "unet": (_build_unet, UNet, ("in_channels", "image_size")),
+            "matryoshka": (_build_matryoshka, MatryoshkaUNet, ("in_channels", "image_size"))}
 _SET_BY_BUILDER = ("num_classes", "learned_variance")
 
 
@@ -72,6 +83,6 @@ def build_network(kind: str, data_shape: Sequence[int], num_classes: int = 0, le
 
 __all__ = [
     "NULL_LABEL", "AttentionBlock", "ClassEmbedding", "ConditionEmbedding", "Downsample", "MLPDenoiser",
-    "MultiHeadAttention", "NETWORKS", "ResBlock", "TimeEmbedding", "UNet", "Upsample", "build_network",
+    "MatryoshkaUNet", "MultiHeadAttention", "NETWORKS", "NestedLayout", "ResBlock", "TimeEmbedding", "UNet", "Upsample", "build_network",
     "count_parameters", "group_norm", "network_options", "network_time_fn", "timestep_embedding",
 ]

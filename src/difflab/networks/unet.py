@@ -191,9 +191,22 @@ class UNet(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"UNet expects input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         context = self._check_context(context, x.shape[0])
-        emb = self.embed(per_sample_time(t, x.shape[0], device=x.device), y, z)  # (B, emb_dim)
+        emb = self.embedding(x, t, y, z)  # (B, emb_dim)
+        return self.head(self.features(x, emb, context))
 
+    def embedding(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
+                  z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The conditioning ``emb (B, emb_dim)`` of time ``t``, labels ``y`` and latent ``z`` for a batch ``x``."""
+        return self.embed(per_sample_time(t, x.shape[0], device=x.device), y, z)
+
+    def features(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None,
+                 added: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The last decoder features ``(B, base_channels · channel_mults[0], H, W)`` of ``x (B, C, H, W)``;
+        ``added`` (the width of ``conv_in``'s output) is added to ``conv_in(x)`` (an enclosing network's features,
+        :class:`~difflab.networks.matryoshka.MatryoshkaUNet`). Inputs as :meth:`forward` checks them."""
         h = self.conv_in(x)
+        if added is not None:
+            h = h + added
         skips = [h]
         for layer in self.down:
             h = layer(h, emb, context)
@@ -203,6 +216,10 @@ class UNet(nn.Module):
             if takes_skip:
                 h = torch.cat([h, skips.pop()], dim=1)
             h = layer(h, emb, context)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The output ``conv_out(SiLU(GroupNorm(h)))`` of the last decoder features ``h``."""
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def _check_context(self, context, batch: int):

@@ -57,7 +57,9 @@ class DiffusionObjective(Objective):
         self.path = build_path(cfg.diffusion)
         seed_global_rng(step_seed(cfg.train.seed, -1, "init"), device)
 
-    def step(self, ctx) -> dict:
+    def draw(self, ctx) -> tuple:
+        """The step's ``(x0, t, ε, cond)`` (steps 1–2 of the module docstring): this rank's rows of the global
+        batch, its times and noise, and ``{"y": labels with dropout}`` for a class-conditional model."""
         tc, gen = self.config.train, ctx.generator
         idx = ctx.indices(self.x_data.shape[0])
         t = ctx.shard(sample_time(self.path, tc.batch_size, gen))
@@ -67,14 +69,22 @@ class DiffusionObjective(Objective):
             drop = ctx.shard(torch.rand(tc.batch_size, generator=gen) < tc.p_uncond)
             y = self.y_data[idx]
             cond["y"] = torch.where(drop, torch.full_like(y, NULL_LABEL), y)
-        if self._denoiser is None:  # around the forward module (DDP / compiled), built once
+        return self.x_data[idx], t, eps, cond
+
+    def denoiser(self, ctx):
+        """The run's denoiser around the forward module (DDP / compiled), built once."""
+        if self._denoiser is None:
             self._denoiser = build_denoiser(self.config, ctx.net("net"), self.path)
+        return self._denoiser
+
+    def step(self, ctx) -> dict:
+        x0, t, eps, cond = self.draw(ctx)
         d = self.config.diffusion
         with ctx.autocast():
             if d.coupling == "ot":  # flow matching on minibatch-OT pairs (SPEC §6)
-                loss = flow_matching_loss(self._denoiser, self.x_data[idx], "ot", eps=eps, t=t, **cond).mean()
+                loss = flow_matching_loss(self.denoiser(ctx), x0, "ot", eps=eps, t=t, **cond).mean()
             else:
-                loss = diffusion_loss(self._denoiser, self.x_data[idx], d.weighting, t=t, eps=eps,
+                loss = diffusion_loss(self.denoiser(ctx), x0, d.weighting, t=t, eps=eps,
                                       min_snr_gamma=d.min_snr_gamma, **cond).mean()
         ctx.optimize("net", loss)
         return {"loss": loss.detach()}
@@ -100,6 +110,10 @@ class DiffusionObjective(Objective):
         """What a sample is shown as: the sample itself (a latent objective decodes it to an image)."""
         return x
 
+    def shows_images(self) -> bool:
+        """Whether :meth:`decode` makes images of the samples (else 2-D points are scattered, other data skipped)."""
+        return len(self.data_shape) == 3
+
     def preview_sampler(self) -> tuple:
         """``(denoiser, sampler, steps)`` of the sample hook: DDIM with ``train.sample_steps`` (at most ``T``)
         around the raw network (no DDP collectives)."""
@@ -114,7 +128,7 @@ class DiffusionObjective(Objective):
         from difflab.plotting import save_image_grid, save_scatter
 
         tc, shape = self.config.train, self.data_shape
-        if not (len(shape) == 3 or shape == (2,)):
+        if not (self.shows_images() or shape == (2,)):
             return None
         denoiser, sampler, steps = self.preview_sampler()
         y = torch.arange(tc.num_sample_images) % self.num_classes if self.num_classes else None
@@ -125,6 +139,6 @@ class DiffusionObjective(Objective):
                 x = generate(denoiser, shape, tc.num_sample_images, sampler, steps, generator, y, device=self.device).x
             finally:
                 self.net.train()
-        if shape == (2,):
+        if not self.shows_images():
             return save_scatter(x, out, reference=self.x_data[:2000].cpu(), title=f"step {step}", labels=y)
         return save_image_grid(self.decode(x), out, nrow=self.num_classes or None)
