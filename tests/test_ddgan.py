@@ -12,7 +12,7 @@ from difflab.ddgan import DDGANGenerator, posterior_draw, r1_penalty, real_pair,
 from difflab.exact_kernels import oracle_x0_sampler, sample_marginal
 from difflab.metrics import sliced_wasserstein2
 from difflab.networks import build_network
-from difflab.networks.discriminator import build_discriminator
+from difflab.networks.discriminator import FourierFeatures, build_discriminator
 from difflab.paths import DiscretePath, VPPath
 from difflab.pipeline import generate
 from difflab.testbeds import fit_gaussian, gaussian_bed, mixture_bed_2d
@@ -49,6 +49,25 @@ def test_generator_takes_a_latent_and_discriminator_gives_one_logit(kind, shape)
         net(x, t, y=y)
     disc = build_discriminator(shape, num_classes=3, width=16, depth=2)
     assert disc(x, torch.randn_like(x), t, y=y).shape == (4,)
+
+
+def test_fourier_features_are_x_then_sines_and_cosines_of_fixed_frequencies():
+    """φ(x) = [x, sin(2π x W), cos(2π x W)] with W a saved buffer; the point discriminator applies the same φ to both
+    members of the pair, so its logit depends on x_{t−1} through the features (and its weights carry W)."""
+    torch.manual_seed(0)
+    feats = FourierFeatures(2, 3, scale=2.0)
+    x = torch.tensor([[0.25, 0.0], [0.1, -0.3]])
+    W = feats.freqs
+    assert W.shape == (2, 3) and "freqs" in feats.state_dict()
+    phase = 2 * math.pi * (x[:, :1] * W[0] + x[:, 1:] * W[1])
+    assert torch.allclose(feats(x), torch.cat([x, torch.sin(phase), torch.cos(phase)], 1), atol=1e-6)
+    disc = build_discriminator((2,), width=8, depth=2, fourier=5, fourier_scale=1.5)
+    assert disc.inp.in_features == 2 * (2 + 2 * 5) and "features.freqs" in disc.state_dict()
+    assert float(disc.features.freqs.std()) > 0.5  # the scale reaches the frequencies
+    t = torch.tensor([1, 1])
+    assert not torch.allclose(disc(x, x, t), disc(x + 0.05, x, t))
+    with pytest.raises(ValueError, match="Fourier"):
+        build_discriminator((1, 8, 8), fourier=4)
 
 
 # --- the losses -------------------------------------------------------------------------------------------------------
@@ -161,6 +180,8 @@ def test_generator_wrapper_draws_a_fresh_latent_per_sample():
     (["diffusion.path=vp"], "discrete path"),
     (["ddgan.betas=[0.5]"], "ddgan.betas"),
     (["ddgan.lazy_reg=0"], "ddgan.lazy_reg"),
+    (["ddgan.d_fourier=-1"], "ddgan.d_fourier"),
+    (["ddgan.d_fourier_scale=0"], "ddgan.d_fourier_scale"),
     (["model.learned_variance=true"], "learned_variance"),
 ])
 def test_ddgan_config_errors_name_the_key(overrides, fragment):

@@ -395,7 +395,8 @@ class DDGANConfig:
     ``betas`` and learning rates ``lr_g`` / ``lr_d`` (``train.lr`` is not used); ``train.ema_decay`` is the EMA of
     the generator, ``train.grad_clip`` clips both modules (0: off). The R1 penalty ``r1_gamma/2 · E||∇_x D||²`` on
     real ``x_{t−1}`` is added every ``lazy_reg`` discriminator steps (1: every step), not rescaled by the interval,
-    as the reference does.
+    as the reference does. ``d_fourier > 0`` gives the point discriminator that many random Fourier features of std
+    ``d_fourier_scale`` of each input (:class:`~difflab.networks.discriminator.FourierFeatures`; 0: raw coordinates).
     """
 
     nz: int = 32
@@ -406,8 +407,13 @@ class DDGANConfig:
     lazy_reg: int = 1
     d_width: int = 128
     d_depth: int = 3
+    d_fourier: int = 0
+    d_fourier_scale: float = 1.0
 
     def validate(self) -> None:
+        _in_range("ddgan.d_fourier", self.d_fourier, 0, limits.MAX_WIDTH)
+        if not (self.d_fourier_scale > 0 and math.isfinite(self.d_fourier_scale)):
+            raise ConfigError(f"ddgan.d_fourier_scale must be a positive number, got {self.d_fourier_scale}")
         for name in ("nz", "d_width"):
             _in_range(f"ddgan.{name}", getattr(self, name), 1, limits.MAX_WIDTH)
         _in_range("ddgan.lazy_reg", self.lazy_reg, 1, limits.MAX_STEPS)

@@ -36,7 +36,8 @@ class DDGANObjective(DiffusionObjective):
         tc, dc = cfg.train, cfg.ddgan
         self.setup_data(cfg, dataset, device)
         self.net = build_model(cfg, self.data_shape, self.num_classes).to(device)
-        self.disc = build_discriminator(self.data_shape, self.num_classes, dc.d_width, dc.d_depth).to(device)
+        self.disc = build_discriminator(self.data_shape, self.num_classes, dc.d_width, dc.d_depth,
+                                        dc.d_fourier, dc.d_fourier_scale).to(device)
         common = {"betas": tuple(dc.betas), "weight_decay": tc.weight_decay, "grad_clip": tc.grad_clip,
                   "schedule": linear_warmup(tc.warmup_steps)}
         self.trainables = {"net": Trainable(self.net, lr=dc.lr_g, ema_decay=tc.ema_decay, ema_start=tc.ema_start,
