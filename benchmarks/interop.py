@@ -48,8 +48,9 @@ PIPELINE_DEFAULTS: list = [  # (label, diffusers class, options, deterministic)
     ("UniPCMultistepScheduler()", "UniPCMultistepScheduler", {}, True),
     ("DDPMScheduler() — DDPMPipeline default (ancestral)", "DDPMScheduler", {}, False),
 ]
-DIFFLAB_SOLVERS = (("deis", {}), ("deis", {"order": 2}), ("deis", {"order": 1}), ("dpmpp2m", {}), ("heun", {}))
-"""(solver, options) run through DifflabScheduler; the first is its default (DEIS, order 3, optimised grid)."""
+DIFFLAB_SOLVERS = (("default", {}), ("deis", {}), ("deis", {"order": 2}), ("dpmpp2m", {}), ("heun", {}))
+"""(solver, options) run through DifflabScheduler; the first is its default (difflab's default sampler: DEIS order 3
+on a ρ = 7 grid capped at σ̄ = 80); ``deis`` is the earlier default (order 4 on grids fit to 1-D Gaussians)."""
 
 
 class CountingUNet:
