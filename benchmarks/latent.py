@@ -24,6 +24,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -56,28 +57,18 @@ def autoencoder_stage(out: Path, name: str, overrides: list) -> dict:
 
 
 def diffusion_stage(out: Path, name: str, config: str, overrides: list, num: int, sample_steps: int) -> dict:
+    """Train ``configs/<config>`` (with ``overrides``) into ``out/runs/<name>``, then :func:`score_diffusion_run`."""
     from difflab.config import load_config
-    from difflab.evaluation import evaluate_run
-    from difflab.plotting import save_image_grid
-    from difflab.pipeline import load_run
     from difflab.training import train
 
     cfg = load_config(ROOT / "configs" / config, [*overrides, "train.sample_every=0"])
     run_dir = out / "runs" / name
     _, seconds = _timed(lambda: train(cfg, run_dir, overwrite=True, progress=False))
-    result = evaluate_run(run_dir, num_samples=num, steps=sample_steps, seed=0)
-    pipe = load_run(run_dir)
-    save_image_grid(pipe.sample(100, steps=sample_steps, progress=False).x, out / f"{name}_samples.png", nrow=10)
     configured = load_config(ROOT / "configs" / config).train.steps
-    return {"train_seconds": seconds, "steps": cfg.train.steps, "configured_steps": configured,
-            "full_budget_seconds_estimate": seconds / cfg.train.steps * configured,
-            "sample_seconds": result["run"]["sample_seconds"], "num_samples": num, "nfe": result["run"]["nfe"],
-            "metrics": {k: {"value": v["value"], "noise_floor": v.get("noise_floor")} for k, v in result["metrics"].items()},
-            "reference_accuracy": result["metrics"].get("class_accuracy", {}).get("reference_accuracy"),
-            "run_dir": str(run_dir)}
+    return score_diffusion_run(out, name, run_dir, num, sample_steps, {"train_seconds": seconds}, configured)
 
 
-def _logged_times(run_dir: Path, steps: int) -> dict:
+def _logged_times(run_dir: Path) -> dict:
     """A run's training wall and process-CPU seconds at its last record (:func:`benchmarks.common.training_records`)."""
     records = training_records(run_dir)
     last = records[max(records)]
@@ -88,20 +79,28 @@ def _logged_times(run_dir: Path, steps: int) -> dict:
 def existing_diffusion_stage(out: Path, name: str, run_dir: Path, num: int, sample_steps: int) -> dict:
     """A diffusion run already trained (``--pixel-run``/``--ldm-run``): its logged training times, then scored
     exactly as :func:`diffusion_stage` scores the runs it trains."""
+    return {**score_diffusion_run(out, name, run_dir, num, sample_steps, _logged_times(run_dir)),
+            "trained_elsewhere": True}
+
+
+def score_diffusion_run(out: Path, name: str, run_dir: Path, num: int, sample_steps: int, times: dict,
+                        configured_steps: Optional[int] = None) -> dict:
+    """``difflab eval``'s scores of ``run_dir`` (``num`` samples, ``sample_steps`` NFE), a grid of 100 samples in
+    ``out/<name>_samples.png``, and the training ``times`` with the estimate at the configured budget."""
     from difflab.evaluation import evaluate_run
     from difflab.pipeline import load_run
     from difflab.plotting import save_image_grid
 
     pipe = load_run(run_dir)
-    times = _logged_times(run_dir, pipe.step)
+    configured = configured_steps or pipe.config.train.steps
     result = evaluate_run(run_dir, num_samples=num, steps=sample_steps, seed=0)
     save_image_grid(pipe.sample(100, steps=sample_steps, progress=False).x, out / f"{name}_samples.png", nrow=10)
-    return {**times, "steps": pipe.step, "configured_steps": pipe.config.train.steps,
-            "full_budget_seconds_estimate": times["train_seconds"] / pipe.step * pipe.config.train.steps,
+    return {**times, "steps": pipe.step, "configured_steps": configured,
+            "full_budget_seconds_estimate": times["train_seconds"] / pipe.step * configured,
             "sample_seconds": result["run"]["sample_seconds"], "num_samples": num, "nfe": result["run"]["nfe"],
             "metrics": {k: {"value": v["value"], "noise_floor": v.get("noise_floor")} for k, v in result["metrics"].items()},
             "reference_accuracy": result["metrics"].get("class_accuracy", {}).get("reference_accuracy"),
-            "run_dir": str(run_dir), "trained_elsewhere": True}
+            "run_dir": str(run_dir)}
 
 
 def existing_autoencoder_stage(out: Path, run_dir: Path) -> dict:
@@ -111,7 +110,7 @@ def existing_autoencoder_stage(out: Path, run_dir: Path) -> dict:
 
     ae = load_autoencoder(run_dir)
     result = evaluate_autoencoder(run_dir, out / "ae_mnist5k_reconstructions.png")
-    return {**result, **_logged_times(run_dir, ae.config.train.steps), "steps": ae.config.train.steps,
+    return {**result, **_logged_times(run_dir), "steps": ae.config.train.steps,
             "kl_weight": ae.config.autoencoder.kl_weight, "run_dir": str(run_dir), "trained_elsewhere": True}
 
 
