@@ -1,6 +1,6 @@
 """What ``torch.compile`` buys: ``train.compile: true`` and ``difflab sample --compile`` against eager.
 
-    python -m benchmarks.compile_speed [--quick] [--out benchmarks/results]   (or ``benchmarks.run --only compile_speed``)
+    python -m benchmarks.compile_speed [--quick] [--repeats N] [--out benchmarks/results]
 
 For the U-Nets of ``configs/digits8.yaml`` and ``configs/mnist5k.yaml`` (their own batch sizes, conditional as
 configured), at 1 and 2 torch threads, each measurement in its own subprocess (a fresh compile cache, its own

@@ -200,10 +200,10 @@ def run(out: Path, every: int, num: int, steps: int, cap_ratio: float, quick: bo
         x = diffusers_samples(diffusers_dir / f"ema_{r['step']}.safetensors", num, 50, labels)
         rows["diffusers"].append({"step": r["step"], "elapsed": r["elapsed"], "cpu_seconds": r["cpu_seconds"], **score(x)})
         log(f"  diffusers step {r['step']}: {rows['diffusers'][-1]}")
-    _, params = recipe_unet()
+    unet, params = recipe_unet()
     return {"rows": rows, "difflab_total_seconds": difflab_total, "cap_seconds": cap, "every": every, "num": num,
             "steps": steps, "train_and_wait_seconds": train_seconds, "difflab_parameters": params,
-            "diffusers_parameters": sum(p.numel() for p in recipe_unet()[0].parameters()),
+            "diffusers_parameters": sum(p.numel() for p in unet.parameters()),
             "feature_net": {k: feature_info[k] for k in ("held_out_accuracy", "epochs") if k in feature_info},
             "first_good": {side: first_good(r) for side, r in rows.items()}}
 

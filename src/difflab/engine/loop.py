@@ -489,7 +489,7 @@ class Engine:
         record = {"step": k, **{n: v / book["window_count"] for n, v in book["window"].items()}}
         for name, t in obj.trainables.items():
             record["lr" if len(obj.trainables) == 1 else f"lr_{name}"] = t.lr * t.schedule(k)
-        record.update(samples_per_s=samples_per_s, elapsed=book["elapsed"], cpu_seconds=book.get("cpu_seconds", 0.0))
+        record.update(samples_per_s=samples_per_s, elapsed=book["elapsed"], cpu_seconds=book["cpu_seconds"])
         for sink in self.sinks:
             sink.log(record)
         if self.on_log is not None:
